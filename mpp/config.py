@@ -1,0 +1,239 @@
+"""Config as data: YAML recipes checked against dataclass schemas.
+
+A recipe may name `_base_:` (a path relative to the recipe, or a list of them) whose keys
+it overrides; command-line `dotted.key=value` pairs override the result. Every key is
+checked against the schema: an unknown key fails naming the closest valid key, a value of
+the wrong type fails naming the key and the type it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message says how to fix it."""
+
+
+def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
+    """Load a YAML recipe, merging the `_base_` chain beneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {str(path)!r} inherits from itself through _base_")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    bases = data.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_recipe(path.parent / base, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (so `1e-4`, `true`, `[1, 2]` work)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def from_dict(schema: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `schema` from `data`, checking every key and type."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for key, value in data.items():
+        name = prefix + key
+        if key not in fields:
+            valid = [prefix + k for k in fields] + _nested_keys(schema, prefix)
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(prefix + k for k in fields))}"
+            raise ConfigError(f"unknown config key {name!r}{hint}")
+        kwargs[key] = _check(hints[key], value, name)
+    return schema(**kwargs)
+
+
+def _nested_keys(schema: type, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        sub = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys += [f"{prefix}{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+    return keys
+
+
+def _union_args(tp) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else None
+
+
+def _type_name(tp) -> str:
+    if _union_args(tp):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in _union_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(tp, value, name: str):
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} must be a mapping (section {tp.__name__}), got {value!r}")
+        return from_dict(tp, value, name + ".")
+    if _union_args(tp):
+        if value is None and type(None) in _union_args(tp):
+            return None
+        for alternative in (a for a in _union_args(tp) if a is not type(None)):
+            try:
+                return _check(alternative, value, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r} expects {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        # PyYAML reads `1e-4` (no dot) as a string: accept any number spelled as text.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def load_config(schema: type, recipe: str | Path, overrides: list[str] = ()) -> Any:
+    """Recipe file + overrides -> validated config; `output_dir` defaults to runs/<recipe name>."""
+    data = apply_overrides(read_recipe(recipe), list(overrides))
+    cfg = from_dict(schema, data)
+    if hasattr(cfg, "output_dir") and cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / Path(recipe).stem)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ---- Schemas. Each field's comment is its documentation; recipes/base.yaml sets them all. ----
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    objective: str = "mae"          # pretraining method (models.OBJECTIVES)
+    encoder: str = "base"           # ViT size: tiny | small | base | large | huge
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True      # targets are per-patch normalised pixels
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: Union[str, list[str], None] = None  # shards: data_tools output dir / manifest.json, brace pattern, or list
+    split: str = "train"            # split of a manifest to read
+    num_samples: Union[int, None] = None  # samples per epoch when the spec has no manifest
+    num_workers: int = 8            # loader processes per rank
+    shuffle_buffer: int = 5000
+    crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.2, 1.0])
+    mean: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 4096          # effective batch per optimizer step, over all processes
+    micro_batch_size: int = 64      # per process and forward pass; accumulation makes up the rest
+    epochs: float = 800
+    steps: Union[int, None] = None  # if set, overrides epochs
+    warmup_epochs: float = 40
+    warmup_steps: Union[int, None] = None  # if set, overrides warmup_epochs
+    mixed_precision: str = "bf16"   # bf16 | fp16 | no
+    grad_clip: Union[float, None] = None
+    fused_attn: Union[bool, None] = None  # null: fused kernel on GPU, explicit matmuls on CPU (faster there)
+    compile: bool = False           # torch.compile the model (helps on GPU; no gain measured on CPU)
+    max_bad_steps: int = 10         # consecutive non-finite losses that stop the run
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4         # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclasses.dataclass
+class LogConfig:
+    every: int = 50                 # steps between metric records
+    image_every: int = 1000         # steps between reconstruction grids (one is also written at the end)
+    tensorboard: bool = True
+    peak_tflops: Union[float, None] = None  # device peak for MFU; null: known GPU table, or measured matmul peak on CPU
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 1000               # steps between checkpoints (one is also written at the end)
+    keep: int = 3                   # newest checkpoints kept
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    output_dir: Union[str, None] = None  # default runs/<recipe name>
+    seed: int = 0
+    resume: Union[str, None] = None  # auto: newest checkpoint in output_dir, if any; or a checkpoint path
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -1,0 +1,255 @@
+"""Masked-patch pretraining, the main job.
+
+    accelerate launch mpp/pretrain.py recipes/base.yaml [key=value ...]
+    python mpp/pretrain.py recipes/quickstart.yaml train.steps=100
+
+One code path for a laptop CPU, one GPU, many GPUs and many nodes: accelerate places the
+model, wraps it for DDP/FSDP, runs mixed precision and accumulates gradients.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`accelerate launch mpp/pretrain.py`): import the package from the repo root,
+    # and keep mpp/ itself off the path so its modules cannot shadow top-level ones.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import dataclasses
+import math
+import signal
+import time
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from mpp.checkpoint import resolve_resume, save_checkpoint
+from mpp.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
+from mpp.data import normalizer, pretrain_loader, resolve_shards
+from mpp.flops import device_peak_flops, train_flops_per_image
+from mpp.models import build_model, set_fused_attn
+from mpp.runlog import RunLog
+from mpp.visualize import save_reconstruction
+
+NO_DATA = """data.train is not set: point it at WebDataset shards.
+  1. shard your images:  python -m data_tools.shard /path/to/images /path/to/shards
+  2. train on them:      accelerate launch mpp/pretrain.py {recipe} data.train=/path/to/shards
+(or try the shipped sample: accelerate launch mpp/pretrain.py recipes/quickstart.yaml)"""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RunState:
+    """The loop's own position, saved in every checkpoint beside the model and optimizer."""
+    step: int = 0
+    bad_steps: int = 0  # non-finite losses skipped so far
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+
+
+class Window:
+    """Loss and throughput since the last metrics record."""
+
+    def __init__(self, step: int):
+        self.first_step, self.start, self.losses = step, time.perf_counter(), []
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    def steps(self, step: int) -> int:
+        return step - self.first_step
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclasses.dataclass
+class Schedule:
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+
+def plan_schedule(cfg: PretrainConfig, num_processes: int, num_samples: int | None) -> Schedule:
+    """Turn batch sizes, epochs and the data size into accumulation steps, step counts and the lr."""
+    t = cfg.train
+    per_step = t.micro_batch_size * num_processes
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
+            f"x {num_processes} processes = {per_step}; change either so that it is")
+    if num_samples is None and (t.steps is None or t.warmup_steps is None):
+        raise ConfigError("the shard spec has no manifest, so epochs cannot be counted: set data.num_samples, "
+                          "or train.steps and train.warmup_steps")
+    steps_per_epoch = max(1, (num_samples or t.batch_size) // t.batch_size)
+    total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
+    return Schedule(grad_accum=t.batch_size // per_step, steps_per_epoch=steps_per_epoch, total_steps=total,
+                    warmup_steps=min(warmup, total - 1), lr=cfg.optim.base_lr * t.batch_size / 256)
+
+
+def check_resumable(checkpoint: Path, cfg: PretrainConfig) -> None:
+    """A checkpoint of another model shape cannot continue this run: say so before loading it."""
+    import yaml
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()).get("model", {})
+    diff = {k: (saved.get(k), v) for k, v in to_dict(cfg.model).items() if saved.get(k) != v}
+    if diff:
+        raise ConfigError(f"cannot resume from {checkpoint}: its model differs from this run's "
+                          + ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items()))
+
+
+def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
+    if cfg.data.train is None:
+        raise ConfigError(NO_DATA.format(recipe=recipe))
+    shards = resolve_shards(cfg.data.train, cfg.data.split)  # a spec that matches nothing fails here, at once
+    state = PartialState()
+    plan = plan_schedule(cfg, state.num_processes, cfg.data.num_samples or shards.num_samples)
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
+        log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(output_dir),
+        dynamo_backend="inductor" if cfg.train.compile else None,
+    )
+    set_seed(cfg.seed, device_specific=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    accelerator.init_trackers("tensorboard")
+
+    model = build_model(cfg.model)
+    fused = cfg.train.fused_attn if cfg.train.fused_attn is not None else accelerator.device.type != "cpu"
+    set_fused_attn(model, fused)
+    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=cfg.optim.weight_decay,
+                                    betas=tuple(cfg.optim.betas))
+    scheduler = CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps,
+                                  warmup_t=plan.warmup_steps, warmup_prefix=True, warmup_lr_init=0.0,
+                                  lr_min=cfg.optim.min_lr, t_in_epochs=False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = RunState()
+    accelerator.register_for_checkpointing(scheduler, run)
+
+    checkpoint = resolve_resume(cfg.resume, output_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {run.step}")
+    start_step = run.step
+
+    raw_model = accelerator.unwrap_model(model)
+    flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans, accelerator.device)
+    peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)
+    to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)
+    remaining_batches = (plan.total_steps - start_step) * plan.grad_accum
+    loader = pretrain_loader(cfg.data, cfg.model.img_size, cfg.train.micro_batch_size, remaining_batches,
+                             seed=hash((cfg.seed, start_step, accelerator.process_index)) & 0x7FFFFFFF)
+    batches = iter(loader)
+
+    stop_signal = torch.zeros((), device=accelerator.device)
+    def request_stop(signum, _frame):  # finish the step, checkpoint, exit: preemption loses nothing
+        stop_signal.fill_(1.0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+
+    log = RunLog(accelerator, output_dir, plan.total_steps, start_step)
+    log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
+              f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
+              f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image")
+    preview = None
+    bad_in_row, window = 0, Window(start_step)
+    model.train()
+    while run.step < plan.total_steps:
+        scheduler.step_update(run.step)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(plan.grad_accum):
+            imgs = to_input(next(batches))
+            if preview is None:
+                preview = imgs[:8].clone()
+            with accelerator.accumulate(model):
+                loss, _, _ = model(imgs)
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        # One collective a step: the mean loss over processes (non-finite if it is anywhere) and stop requests.
+        loss_value, stop = accelerator.reduce(torch.stack([step_loss / plan.grad_accum, stop_signal]), "mean").tolist()
+        grad_norm = None
+        if math.isfinite(loss_value):
+            if cfg.train.grad_clip:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+            optimizer.step()
+            bad_in_row = 0
+        else:
+            bad_in_row += 1
+            run.bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        if bad_in_row >= cfg.train.max_bad_steps:
+            log.close()
+            raise NonFiniteLoss(
+                f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped without "
+                f"saving, so the newest checkpoint in {output_dir} is the last good one. Lower optim.base_lr, set "
+                f"train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, then resume=auto.")
+
+        lr = optimizer.param_groups[0]["lr"]
+        log.update(loss=loss_value, lr=lr)
+        window.add(loss_value)
+        last = run.step == plan.total_steps
+        if run.step % cfg.log.every == 0 or last:
+            images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
+            metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
+                       "img_per_s": images_per_s, "bad_steps": run.bad_steps}
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            if peak:
+                metrics["mfu"] = images_per_s * flops_per_image / (peak * accelerator.num_processes)
+            log.record(run.step, metrics)
+            window = Window(run.step)
+        if accelerator.is_main_process and (run.step % cfg.log.image_every == 0 or last):
+            save_reconstruction(raw_model, preview, cfg.data.mean, cfg.data.std,
+                                output_dir / "reconstructions" / f"step_{run.step:08d}.png", seed=cfg.seed)
+        if run.step % cfg.checkpoint.every == 0 or last or stop:
+            path = save_checkpoint(accelerator, output_dir, run.step, cfg.checkpoint.keep)
+            if accelerator.is_main_process:
+                save_config(cfg, path / "config.yaml")
+        if stop:
+            log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
+            break
+    log.close()
+    accelerator.end_training()
+    return raw_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    try:
+        cfg = load_config(PretrainConfig, args[0], args[1:])
+        train(cfg, recipe=args[0])
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""What a run reports: a progress bar, a JSONL metrics file, and TensorBoard (through accelerate)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, accelerator, output_dir: str | Path, total_steps: int, start_step: int):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if self.main else None
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main, dynamic_ncols=True,
+                        unit="step", smoothing=0.05)
+
+    def update(self, **shown) -> None:
+        """Advance the bar by one step, showing `shown` beside it."""
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()}, refresh=False)
+
+    def record(self, step: int, metrics: dict) -> None:
+        """One metrics record, to the JSONL file and the trackers (TensorBoard)."""
+        if self.main:
+            self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.file.flush()
+        self.accelerator.log(metrics, step=step)
+
+    def print(self, message: str) -> None:
+        if self.main:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
+
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -32,8 +34,9 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
-    """Collective: every process must call it (each saves its RNG state, FSDP shards its weights)."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, config: dict | None = None) -> Path:
+    """Collective: every process must call it (each saves its RNG state, FSDP shards its weights).
+    `config`, if given, is stored as config.yaml inside the checkpoint."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if accelerator.is_main_process:
@@ -41,6 +44,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if config is not None and accelerator.is_main_process:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     except OSError as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

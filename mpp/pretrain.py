@@ -27,9 +27,9 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from mpp.checkpoint import resolve_resume, save_checkpoint
+from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from mpp.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
-from mpp.data import normalizer, pretrain_loader, resolve_shards
+from mpp.data import normalizer, pretrain_loader, preview_images, resolve_shards
 from mpp.flops import device_peak_flops, train_flops_per_image
 from mpp.models import build_model, set_fused_attn
 from mpp.runlog import RunLog
@@ -105,6 +105,13 @@ def plan_schedule(cfg: PretrainConfig, num_processes: int, num_samples: int | No
                     warmup_steps=min(warmup, total - 1), lr=cfg.optim.base_lr * t.batch_size / 256)
 
 
+def effective_precision(accelerator) -> str:
+    """What the matmuls really run in: accelerate runs fp32 when fp16 is asked for on a CPU."""
+    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
+        return "no"
+    return accelerator.mixed_precision
+
+
 def check_resumable(checkpoint: Path, cfg: PretrainConfig) -> None:
     """A checkpoint of another model shape cannot continue this run: say so before loading it."""
     import yaml
@@ -118,6 +125,41 @@ def check_resumable(checkpoint: Path, cfg: PretrainConfig) -> None:
                           + ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items()))
 
 
+def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
+    """The model, its AdamW (no decay on norms, biases, tokens, position embeddings) and the lr schedule."""
+    model = build_model(cfg.model)
+    set_fused_attn(model, cfg.train.fused_attn if cfg.train.fused_attn is not None else device.type != "cpu")
+    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=cfg.optim.weight_decay,
+                                    betas=tuple(cfg.optim.betas))
+    scheduler = CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps,
+                                  warmup_t=plan.warmup_steps, warmup_prefix=True, warmup_lr_init=0.0,
+                                  lr_min=cfg.optim.min_lr, t_in_epochs=False)
+    return model, optimizer, scheduler
+
+
+def train_step(accelerator, model, optimizer, micro_batches, grad_clip: float | None, stop_signal: torch.Tensor):
+    """Forward and backward over the micro-batches (gradients synced after the last only), then one
+    update, skipped if the loss is not finite on any process.
+
+    Returns (mean loss over processes, whether any process asked to stop, grad norm if clipped).
+    """
+    step_loss, count = torch.zeros((), device=accelerator.device), 0
+    for imgs in micro_batches:
+        with accelerator.accumulate(model):
+            loss, _, _ = model(imgs)
+            accelerator.backward(loss)
+        step_loss, count = step_loss + loss.detach(), count + 1
+    # One collective a step: the mean loss (non-finite if it is anywhere) and the stop requests.
+    loss_value, stop = accelerator.reduce(torch.stack([step_loss / count, stop_signal]), "mean").tolist()
+    grad_norm = None
+    if math.isfinite(loss_value):
+        if grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, stop > 0, grad_norm
+
+
 def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     if cfg.data.train is None:
         raise ConfigError(NO_DATA.format(recipe=recipe))
@@ -125,25 +167,24 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     state = PartialState()
     plan = plan_schedule(cfg, state.num_processes, cfg.data.num_samples or shards.num_samples)
     output_dir = Path(cfg.output_dir)
+    if cfg.resume is None and list_checkpoints(output_dir):
+        raise ConfigError(f"{output_dir} already holds a run's checkpoints (newest: {list_checkpoints(output_dir)[-1].name});"
+                          " continue it with resume=auto, or start afresh in another output_dir")
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
         log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(output_dir),
         dynamo_backend="inductor" if cfg.train.compile else None,
     )
     set_seed(cfg.seed, device_specific=True)
+    if effective_precision(accelerator) != cfg.train.mixed_precision:
+        accelerator.print(f"note: train.mixed_precision={cfg.train.mixed_precision} is not available on "
+                          f"{accelerator.device.type}; running fp32 (on CPUs, bf16 is the mixed precision)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     accelerator.init_trackers("tensorboard")
 
-    model = build_model(cfg.model)
-    fused = cfg.train.fused_attn if cfg.train.fused_attn is not None else accelerator.device.type != "cpu"
-    set_fused_attn(model, fused)
-    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=cfg.optim.weight_decay,
-                                    betas=tuple(cfg.optim.betas))
-    scheduler = CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps,
-                                  warmup_t=plan.warmup_steps, warmup_prefix=True, warmup_lr_init=0.0,
-                                  lr_min=cfg.optim.min_lr, t_in_epochs=False)
+    model, optimizer, scheduler = build_training(cfg, plan, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = RunState()
     accelerator.register_for_checkpointing(scheduler, run)
@@ -165,75 +206,62 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     batches = iter(loader)
 
     stop_signal = torch.zeros((), device=accelerator.device)
-    def request_stop(signum, _frame):  # finish the step, checkpoint, exit: preemption loses nothing
+    def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
         stop_signal.fill_(1.0)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     log = RunLog(accelerator, output_dir, plan.total_steps, start_step)
     log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
               f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
               f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image")
-    preview = None
-    bad_in_row, window = 0, Window(start_step)
-    model.train()
-    while run.step < plan.total_steps:
-        scheduler.step_update(run.step)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(plan.grad_accum):
-            imgs = to_input(next(batches))
-            if preview is None:
-                preview = imgs[:8].clone()
-            with accelerator.accumulate(model):
-                loss, _, _ = model(imgs)
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-        # One collective a step: the mean loss over processes (non-finite if it is anywhere) and stop requests.
-        loss_value, stop = accelerator.reduce(torch.stack([step_loss / plan.grad_accum, stop_signal]), "mean").tolist()
-        grad_norm = None
-        if math.isfinite(loss_value):
-            if cfg.train.grad_clip:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
-            optimizer.step()
-            bad_in_row = 0
-        else:
-            bad_in_row += 1
-            run.bad_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        if bad_in_row >= cfg.train.max_bad_steps:
-            log.close()
-            raise NonFiniteLoss(
-                f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped without "
-                f"saving, so the newest checkpoint in {output_dir} is the last good one. Lower optim.base_lr, set "
-                f"train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, then resume=auto.")
+    preview = to_input(preview_images(shards.urls[0], cfg.model.img_size))
+    try:
+        bad_in_row, window = 0, Window(start_step)
+        model.train()
+        while run.step < plan.total_steps:
+            scheduler.step_update(run.step)
+            micro_batches = (to_input(next(batches)) for _ in range(plan.grad_accum))
+            loss_value, stop, grad_norm = train_step(accelerator, model, optimizer, micro_batches,
+                                                     cfg.train.grad_clip, stop_signal)
+            if math.isfinite(loss_value):
+                bad_in_row = 0
+            else:
+                bad_in_row, run.bad_steps = bad_in_row + 1, run.bad_steps + 1
+            run.step += 1
+            if bad_in_row >= cfg.train.max_bad_steps:
+                raise NonFiniteLoss(
+                    f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped "
+                    f"without saving, so the newest checkpoint in {output_dir} is the last good one. Lower "
+                    f"optim.base_lr, set train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, "
+                    f"then resume=auto.")
 
-        lr = optimizer.param_groups[0]["lr"]
-        log.update(loss=loss_value, lr=lr)
-        window.add(loss_value)
-        last = run.step == plan.total_steps
-        if run.step % cfg.log.every == 0 or last:
-            images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
-            metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
-                       "img_per_s": images_per_s, "bad_steps": run.bad_steps}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            if peak:
-                metrics["mfu"] = images_per_s * flops_per_image / (peak * accelerator.num_processes)
-            log.record(run.step, metrics)
-            window = Window(run.step)
-        if accelerator.is_main_process and (run.step % cfg.log.image_every == 0 or last):
-            save_reconstruction(raw_model, preview, cfg.data.mean, cfg.data.std,
-                                output_dir / "reconstructions" / f"step_{run.step:08d}.png", seed=cfg.seed)
-        if run.step % cfg.checkpoint.every == 0 or last or stop:
-            path = save_checkpoint(accelerator, output_dir, run.step, cfg.checkpoint.keep)
-            if accelerator.is_main_process:
-                save_config(cfg, path / "config.yaml")
-        if stop:
-            log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
-            break
-    log.close()
-    accelerator.end_training()
+            lr = optimizer.param_groups[0]["lr"]
+            log.update(loss=loss_value, lr=lr)
+            window.add(loss_value)
+            last = run.step == plan.total_steps
+            if run.step % cfg.log.every == 0 or last:
+                images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
+                metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
+                           "img_per_s": images_per_s, "bad_steps": run.bad_steps}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = grad_norm
+                if peak:
+                    metrics["mfu"] = images_per_s * flops_per_image / (peak * accelerator.num_processes)
+                log.record(run.step, metrics)
+                window = Window(run.step)
+            if accelerator.is_main_process and (run.step % cfg.log.image_every == 0 or last):
+                save_reconstruction(raw_model, preview, cfg.data.mean, cfg.data.std,
+                                    output_dir / "reconstructions" / f"step_{run.step:08d}.png", seed=cfg.seed)
+            if run.step % cfg.checkpoint.every == 0 or last or stop:
+                save_checkpoint(accelerator, output_dir, run.step, cfg.checkpoint.keep, config=to_dict(cfg))
+            if stop:
+                log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
+                break
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        log.close()
+        accelerator.end_training()
     return raw_model
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +14,9 @@ class RunLog:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.file = open(Path(output_dir) / "metrics.jsonl", "a") if self.main else None
+        interactive = sys.stderr.isatty()  # in a log file, a bar line every 30 s rather than every step
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main, dynamic_ncols=True,
-                        unit="step", smoothing=0.05)
+                        unit="step", smoothing=0.05, mininterval=0.1 if interactive else 30)
 
     def update(self, **shown) -> None:
         """Advance the bar by one step, showing `shown` beside it."""

@@ -47,8 +47,10 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean, std, seed: int = 0) -> 
     keep = (1 - mask).unsqueeze(-1)
     shown = lambda visible, hidden: unpatchify(patchify(visible, p) * keep + hidden * (1 - keep), p, grid)
     columns = [original, shown(original, 0.5), recon, shown(original, patchify(recon, p))]  # masked: grey
-    columns = torch.stack(columns, dim=1)
-    return make_grid(columns.flatten(0, 1).cpu(), nrow=4, padding=1, pad_value=1.0)
+    columns = torch.stack(columns, dim=1).flatten(0, 1)
+    if columns.shape[-1] < 96:  # small images: enlarge (nearest, so patches stay sharp) to be seen at all
+        columns = torch.nn.functional.interpolate(columns, scale_factor=96 // columns.shape[-1] + 1, mode="nearest")
+    return make_grid(columns.cpu(), nrow=4, padding=2, pad_value=1.0)
 
 
 def save_reconstruction(model, imgs, mean, std, path: str | Path, seed: int = 0) -> Path:

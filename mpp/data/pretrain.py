@@ -52,6 +52,14 @@ def pretrain_loader(data_cfg, img_size: int, micro_batch: int, num_batches: int,
                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
+def preview_images(url: str, img_size: int, count: int = 8) -> torch.Tensor:
+    """The first `count` images of a shard, centre-cropped: a fixed set to watch reconstructions improve on."""
+    view = T.Compose([T.PILToTensor(), T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(img_size)])
+    samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(), wds.to_tuple(IMAGE_KEYS))
+    return torch.stack([view(decode_rgb(data)) for (data,), _ in zip(samples, range(count))])
+
+
 def normalizer(mean, std, device):
     """uint8 (B, C, H, W) -> float normalised per channel, on `device` (constants made once)."""
     scale = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255

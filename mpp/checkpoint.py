@@ -39,8 +39,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, c
     `config`, if given, is stored as config.yaml inside the checkpoint."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:  # leftovers of saves that were killed mid-write
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))

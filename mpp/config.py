@@ -192,7 +192,7 @@ class DataConfig:
 @dataclasses.dataclass
 class TrainConfig:
     batch_size: int = 4096          # effective batch per optimizer step, over all processes
-    micro_batch_size: int = 64      # per process and forward pass; accumulation makes up the rest
+    micro_batch_size: int = 256     # per process and forward pass; accumulation makes up the rest
     epochs: float = 800
     steps: Union[int, None] = None  # if set, overrides epochs
     warmup_epochs: float = 40

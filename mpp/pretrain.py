@@ -18,6 +18,7 @@ if __name__ == "__main__" and not __package__:
 
 import dataclasses
 import math
+import os
 import signal
 import time
 
@@ -45,17 +46,22 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclasses.dataclass
 class RunState:
-    """The loop's own position, saved in every checkpoint beside the model and optimizer."""
-    step: int = 0
-    bad_steps: int = 0  # non-finite losses skipped so far
+    """The loop's own position, saved in every checkpoint beside the model and optimizer.
+
+    The lr schedule is a function of the config and the step, so it is rebuilt from the config on
+    resume (a run can be extended with more steps); the checkpoint keeps its state for the record.
+    """
+
+    def __init__(self, scheduler):
+        self.scheduler, self.step, self.bad_steps = scheduler, 0, 0  # bad_steps: non-finite losses skipped
+        self.saved_lr_schedule = None
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"step": self.step, "bad_steps": self.bad_steps, "lr_schedule": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.step, self.bad_steps, self.saved_lr_schedule = state["step"], state["bad_steps"], state["lr_schedule"]
 
 
 class Window:
@@ -164,14 +170,19 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     if cfg.data.train is None:
         raise ConfigError(NO_DATA.format(recipe=recipe))
     shards = resolve_shards(cfg.data.train, cfg.data.split)  # a spec that matches nothing fails here, at once
-    state = PartialState()
+    # Launched as several processes on a machine without GPUs: accelerate sets up gloo DDP only if told cpu=True.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=cpu_ddp)
     plan = plan_schedule(cfg, state.num_processes, cfg.data.num_samples or shards.num_samples)
     output_dir = Path(cfg.output_dir)
     if cfg.resume is None and list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds a run's checkpoints (newest: {list_checkpoints(output_dir)[-1].name});"
                           " continue it with resume=auto, or start afresh in another output_dir")
+    checkpoint = resolve_resume(cfg.resume, output_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
+        cpu=cpu_ddp, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
         log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(output_dir),
         dynamo_backend="inductor" if cfg.train.compile else None,
     )
@@ -186,14 +197,16 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
 
     model, optimizer, scheduler = build_training(cfg, plan, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    run = RunState()
-    accelerator.register_for_checkpointing(scheduler, run)
+    run = RunState(scheduler)
+    accelerator.register_for_checkpointing(run)
 
-    checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:
-        check_resumable(checkpoint, cfg)
         accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {run.step}")
+        accelerator.print(f"resumed from {checkpoint} at step {run.step}"
+                          + (f": the run is complete ({plan.total_steps} steps)" if run.step >= plan.total_steps else ""))
+        if run.saved_lr_schedule != scheduler.state_dict():
+            accelerator.print("note: the lr schedule differs from the checkpoint's (train.steps, epochs or optim changed); "
+                              "following this run's config from the resumed step")
     start_step = run.step
 
     raw_model = accelerator.unwrap_model(model)
@@ -252,7 +265,8 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             if accelerator.is_main_process and (run.step % cfg.log.image_every == 0 or last):
                 save_reconstruction(raw_model, preview, cfg.data.mean, cfg.data.std,
                                     output_dir / "reconstructions" / f"step_{run.step:08d}.png", seed=cfg.seed)
-            if run.step % cfg.checkpoint.every == 0 or last or stop:
+            # Weights that gave a non-finite loss must not push good checkpoints out.
+            if bad_in_row == 0 and (run.step % cfg.checkpoint.every == 0 or last or stop):
                 save_checkpoint(accelerator, output_dir, run.step, cfg.checkpoint.keep, config=to_dict(cfg))
             if stop:
                 log.print(f"stopped by signal at step {run.step}; continue with resume=auto")

@@ -1,6 +1,6 @@
 """Run `mpp.pretrain.train` under a multi-process launcher and record what each process ended with.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/ddp_pretrain_check.py OUT [--cpu-state] key=value ...
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_pretrain_check.py OUT key=value ...
 
 The config is recipes/quickstart.yaml with the given overrides. Each process (named by the
 launcher's RANK) writes to OUT:
@@ -12,11 +12,6 @@ launcher's RANK) writes to OUT:
 
 If mpp's accelerate state does not see the launcher's world size, the process records that and
 exits with status 3 before any training step, instead of training a run of its own.
-
---cpu-state initialises accelerate's PartialState with cpu=True before `train` runs. On a machine
-without a GPU, accelerate only sets up multi-process CPU (gloo) training when asked for the CPU
-explicitly; `mpp.pretrain.train` calls `PartialState()` without that, so without this flag each
-process trains alone (see tests/test_pretrain.py, test_ddp_cpu_launch_without_workaround).
 """
 from __future__ import annotations
 
@@ -33,11 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0])
-    cpu_state = "--cpu-state" in argv[1:]
-    overrides = [a for a in argv[1:] if a != "--cpu-state"]
-    if cpu_state:
-        PartialState(cpu=True)
+    out, overrides = Path(argv[0]), argv[1:]
 
     from mpp.config import PretrainConfig, load_config
     from mpp.models.mae import MAE

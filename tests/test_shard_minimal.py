@@ -11,7 +11,7 @@ import webdataset
 
 from data_tools.shard import main
 
-SAMPLE_SHARD = Path(__file__).parents[1] / "mpp" / "sample_data" / "cifar10" / "val-000000.tar"
+SAMPLE_SHARD = Path(__file__).parents[1] / "mpp" / "sample_data" / "cifar10" / "val-000000.tar.gz"
 CLASSES = ["airplane", "cat", "truck"]
 IMAGES_PER_CLASS = 4
 

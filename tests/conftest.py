@@ -1,0 +1,109 @@
+"""Shared paths and helpers: small, fast pretraining configs on the shipped CIFAR-10 shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+BASE = RECIPES / "base.yaml"
+QUICKSTART = RECIPES / "quickstart.yaml"
+PRETRAIN_SCRIPT = REPO / "mpp" / "pretrain.py"
+SAMPLE_DATA = REPO / "mpp" / "sample_data" / "cifar10"
+
+
+def small_overrides(output_dir, *extra: str) -> list[str]:
+    """Quickstart overrides for a fast CPU run; `extra` come last, so they win.
+
+    log.peak_tflops skips the CPU matmul benchmark that only feeds the MFU metric.
+    """
+    return [
+        f"data.train={SAMPLE_DATA}",  # the recipe's path is relative to the repo root; this works from anywhere
+        "model.encoder=tiny",
+        "train.batch_size=32",
+        "train.micro_batch_size=32",
+        "data.num_workers=0",
+        "data.shuffle_buffer=200",
+        "log.tensorboard=false",
+        "log.peak_tflops=1",
+        f"output_dir={output_dir}",
+        "resume=null",
+        *extra,
+    ]
+
+
+def quick_config(output_dir, *extra: str):
+    from mpp.config import PretrainConfig, load_config
+    return load_config(PretrainConfig, QUICKSTART, small_overrides(output_dir, *extra))
+
+
+def run_train(cfg):
+    """mpp.pretrain.train in this process; also checks that it put back the SIGINT/SIGTERM handlers
+    it installs for the run (so the test session still answers Ctrl-C), restoring them if not."""
+    from mpp.pretrain import train
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train(cfg)
+    finally:
+        left = [sig.name for sig, handler in saved.items() if signal.getsignal(sig) is not handler]
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        assert not left, f"train() left its own handlers for {left} installed"
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line being written while a test polls a running job
+            break
+    return records
+
+
+def checkpoint_steps(output_dir) -> list[int]:
+    from mpp.checkpoint import list_checkpoints
+    return [int(p.name.split("_")[1]) for p in list_checkpoints(output_dir)]
+
+
+def subprocess_env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def pretrain_command(*args: str) -> list[str]:
+    return [sys.executable, str(PRETRAIN_SCRIPT), *map(str, args)]
+
+
+def start_pretrain(log_path: Path, *args: str) -> subprocess.Popen:
+    """`python mpp/pretrain.py ARGS` in the background, stdout and stderr to `log_path`."""
+    log = open(log_path, "w")
+    try:
+        return subprocess.Popen(pretrain_command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=subprocess_env())
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log_path: Path):
+    """Poll `predicate()` until it returns something truthy; fail if `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"run exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")

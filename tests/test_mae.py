@@ -1,0 +1,214 @@
+"""The MAE model: masking invariants, the masked-only loss, patchify, and the timm encoder mapping."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from mpp.models import VIT_SIZES, set_fused_attn
+from mpp.models.mae import MAE, gather_tokens, patchify, random_masking, unpatchify
+
+
+def small_mae(**kwargs) -> MAE:
+    """ViT-Tiny/4 on 32 px (64 patches) with a small decoder, as in recipes/quickstart.yaml."""
+    args = dict(encoder="tiny", img_size=32, patch_size=4, decoder_dim=64, decoder_depth=1, decoder_heads=4)
+    return MAE(**{**args, **kwargs})
+
+
+# ---- random_masking ----
+
+MASK_CASES = [(64, 0.75), (196, 0.75), (16, 0.5), (10, 0.75), (49, 0.9), (7, 0.3), (256, 0.6)]
+
+
+@pytest.mark.parametrize("num_patches,ratio", MASK_CASES)
+def test_masking_keeps_round_n_times_visible_fraction(num_patches, ratio):
+    batch = 6
+    keep = round(num_patches * (1 - ratio))
+    gen = torch.Generator().manual_seed(num_patches)
+    ids_keep, mask, ids_restore = random_masking(batch, num_patches, ratio, generator=gen)
+
+    assert ids_keep.shape == (batch, keep)
+    assert mask.shape == ids_restore.shape == (batch, num_patches)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert mask.sum(dim=1).tolist() == [num_patches - keep] * batch
+    # Kept ids are distinct patches, and exactly the ones the mask marks visible.
+    for b in range(batch):
+        kept = ids_keep[b].tolist()
+        assert len(set(kept)) == keep
+        assert sorted(kept) == torch.nonzero(mask[b] == 0).flatten().tolist()
+
+
+@pytest.mark.parametrize("num_patches,ratio", MASK_CASES)
+def test_ids_restore_inverts_the_shuffle(num_patches, ratio):
+    batch = 5
+    keep = round(num_patches * (1 - ratio))
+    gen = torch.Generator().manual_seed(1)
+    ids_keep, mask, ids_restore = random_masking(batch, num_patches, ratio, generator=gen)
+
+    raster = torch.arange(num_patches)
+    for b in range(batch):  # each row is a permutation of 0..N-1
+        assert torch.equal(ids_restore[b].sort().values, raster)
+
+    # The decoder's path: [visible tokens..., mask tokens...] gathered by ids_restore must put every
+    # visible token back at its own raster position and a mask token at every masked position.
+    tokens = raster.float().view(1, -1, 1).expand(batch, -1, 2)  # token value = its raster index
+    visible = gather_tokens(tokens, ids_keep)
+    filler = torch.full((batch, num_patches - keep, 2), -1.0)
+    restored = gather_tokens(torch.cat([visible, filler], dim=1), ids_restore)[..., 0]
+    expected = torch.where(mask.bool(), torch.tensor(-1.0), raster.float().expand(batch, -1))
+    assert torch.equal(restored, expected)
+
+    # ids_restore is the inverse of the shuffle whose first `keep` entries are ids_keep.
+    ids_shuffle = ids_restore.argsort(dim=1)
+    assert torch.equal(ids_shuffle[:, :keep], ids_keep)
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), raster.expand(batch, -1))
+
+
+def test_masks_differ_between_samples_and_calls():
+    gen = torch.Generator().manual_seed(0)
+    _, mask, _ = random_masking(16, 64, 0.75, generator=gen)
+    assert len({tuple(row.tolist()) for row in mask}) == 16
+    _, again, _ = random_masking(16, 64, 0.75, generator=gen)
+    assert not torch.equal(mask, again)
+    # The same generator seed gives the same masks.
+    _, replay, _ = random_masking(16, 64, 0.75, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, replay)
+
+
+def test_model_forward_masks_its_ratio_per_sample():
+    torch.manual_seed(0)
+    model = small_mae(mask_ratio=0.75).eval()
+    imgs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        loss, pred, mask = model(imgs)
+        _, _, mask_half = model(imgs, mask_ratio=0.5)
+    assert pred.shape == (4, 64, 4 * 4 * 3)
+    assert mask.sum(dim=1).tolist() == [48.0] * 4
+    assert mask_half.sum(dim=1).tolist() == [32.0] * 4
+    assert len({tuple(row.tolist()) for row in mask}) == 4
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 0.999])
+def test_mask_ratio_that_leaves_nothing_is_refused(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        small_mae(mask_ratio=ratio)
+
+
+# ---- the loss ----
+
+def patch_region(index: int, grid_w: int, p: int) -> tuple[slice, slice]:
+    row, col = divmod(index, grid_w)
+    return slice(row * p, (row + 1) * p), slice(col * p, (col + 1) * p)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_sees_only_masked_patches(norm_pix):
+    torch.manual_seed(0)
+    model = small_mae(norm_pix_loss=norm_pix)
+    gen = torch.Generator().manual_seed(3)
+    imgs = torch.randn(3, 3, 32, 32, generator=gen)
+    pred = torch.randn(3, 64, 48, generator=gen)
+    _, mask, _ = random_masking(3, 64, 0.75, generator=gen)
+    base = model.loss(imgs, pred, mask)
+
+    sample = 1
+    visible = torch.nonzero(mask[sample] == 0).flatten()
+    masked = torch.nonzero(mask[sample] == 1).flatten()
+    assert len(visible) == 16 and len(masked) == 48
+
+    # New random pixels (not a shift or scale: norm-pix would cancel those) in visible patches: same loss, bit for bit.
+    changed = imgs.clone()
+    for index in visible[:5].tolist():
+        rows, cols = patch_region(index, 8, 4)
+        changed[sample, :, rows, cols] = torch.randn(3, 4, 4, generator=gen) * 3
+    assert torch.equal(model.loss(changed, pred, mask), base)
+
+    # New pixels in one masked patch: the loss moves.
+    changed = imgs.clone()
+    rows, cols = patch_region(masked[0].item(), 8, 4)
+    changed[sample, :, rows, cols] = torch.randn(3, 4, 4, generator=gen) * 3
+    assert abs(model.loss(changed, pred, mask).item() - base.item()) > 1e-4
+
+    # And predictions: only those of masked patches count.
+    changed_pred = pred.clone()
+    changed_pred[sample, visible] += 10.0
+    assert torch.equal(model.loss(imgs, changed_pred, mask), base)
+    changed_pred = pred.clone()
+    changed_pred[sample, masked[0]] += 10.0
+    assert model.loss(imgs, changed_pred, mask).item() > base.item()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_is_mean_squared_error_over_masked_patches(norm_pix):
+    torch.manual_seed(0)
+    model = small_mae(norm_pix_loss=norm_pix)
+    gen = torch.Generator().manual_seed(4)
+    imgs = torch.randn(2, 3, 32, 32, generator=gen)
+    pred = torch.randn(2, 64, 48, generator=gen)
+    _, mask, _ = random_masking(2, 64, 0.75, generator=gen)
+
+    # Independent reference: per patch, pixels (row, col, channel) of each 4x4 patch in raster order.
+    target = imgs.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 8, 8, 4, 4)
+    target = target.permute(0, 2, 3, 4, 5, 1).reshape(2, 64, 48)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    expected = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(model.loss(imgs, pred, mask), expected, rtol=1e-6, atol=1e-6)
+
+
+# ---- patchify ----
+
+@pytest.mark.parametrize("shape,p", [((2, 3, 32, 32), 4), ((1, 3, 32, 48), 8), ((3, 1, 16, 8), 4), ((2, 3, 224, 224), 16)])
+def test_patchify_round_trips_exactly(shape, p):
+    b, c, h, w = shape
+    imgs = torch.randn(*shape)
+    patches = patchify(imgs, p)
+    assert patches.shape == (b, (h // p) * (w // p), p * p * c)
+    assert torch.equal(unpatchify(patches, p, (h // p, w // p), c), imgs)
+
+
+def test_patchify_orders_patches_in_raster_and_pixels_row_col_channel():
+    imgs = torch.randn(2, 3, 16, 24)
+    patches = patchify(imgs, 8)  # grid 2 x 3
+    for index in range(6):
+        rows, cols = patch_region(index, 3, 8)
+        expected = imgs[:, :, rows, cols].permute(0, 2, 3, 1).reshape(2, -1)
+        assert torch.equal(patches[:, index], expected)
+
+
+# ---- the encoder is timm's ViT ----
+
+@pytest.mark.parametrize("size,img_size,patch_size,fused", [("tiny", 32, 4, False), ("tiny", 32, 4, True),
+                                                           ("small", 64, 16, False)])
+def test_encoder_is_a_timm_vit(size, img_size, patch_size, fused):
+    torch.manual_seed(0)
+    mae = small_mae(encoder=size, img_size=img_size, patch_size=patch_size).eval()
+    set_fused_attn(mae, fused)
+    width, depth, heads = VIT_SIZES[size]
+    vit = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=0,
+                            embed_dim=width, depth=depth, num_heads=heads).eval()
+    vit.load_state_dict(mae.encoder.state_dict(), strict=True)
+
+    imgs = torch.randn(3, 3, img_size, img_size)
+    n = mae.num_patches
+    all_visible = torch.arange(n).expand(3, n)
+    with torch.no_grad():
+        ours = mae.forward_encoder(imgs, all_visible)
+        theirs = vit.forward_features(imgs)
+        # Visible patches in any order: the same features, in that order (the encoder is permutation-equivariant).
+        order = torch.stack([torch.randperm(n) for _ in range(3)])
+        shuffled = mae.forward_encoder(imgs, order)
+    assert ours.shape == theirs.shape == (3, 1 + n, width)
+    assert (ours - theirs).abs().max().item() < 1e-5
+    assert (shuffled[:, 0] - theirs[:, 0]).abs().max().item() < 1e-4
+    assert (shuffled[:, 1:] - gather_tokens(theirs[:, 1:], order)).abs().max().item() < 1e-4
+
+
+def test_encoder_position_embedding_is_fixed_sincos():
+    mae = small_mae()
+    pos = mae.encoder.pos_embed
+    assert not pos.requires_grad and not mae.decoder_pos_embed.requires_grad
+    assert pos.shape == (1, 65, 192)
+    assert torch.equal(pos[0, 0], torch.zeros(192))  # the class token's row
+    assert pos[0, 1:].abs().max().item() <= 1.0 and len({tuple(r.tolist()) for r in pos[0, 1:]}) == 64

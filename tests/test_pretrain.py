@@ -1,0 +1,363 @@
+"""Pretraining end to end on the shipped CIFAR-10 shards, on the CPU: the loss falls, runs write what
+they promise, checkpoints resume after a kill or a SIGTERM, non-finite losses stop a run without
+touching its weights, and two DDP processes stay in lockstep."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import (QUICKSTART, REPO, checkpoint_steps, pretrain_command, quick_config, read_metrics, run_train,
+                      small_overrides, start_pretrain, subprocess_env, wait_for)
+from mpp.config import ConfigError, PretrainConfig, load_config, to_dict
+
+E2E_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """One in-process run shared by the tests below: 60 steps of 64 images, ViT-Tiny/4."""
+    out = tmp_path_factory.mktemp("e2e")
+    cfg = quick_config(out, f"train.steps={E2E_STEPS}", "train.batch_size=64", "train.micro_batch_size=64",
+                       "log.every=10", "log.image_every=1000", "checkpoint.every=20", "checkpoint.keep=2")
+    model = run_train(cfg)
+    return cfg, model, out
+
+
+def state_of(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def saved_objects(ckpt) -> list[dict]:
+    """The state dicts accelerate saved for the objects registered for checkpointing; safe (weights-only) loading."""
+    return [torch.load(p, weights_only=True) for p in sorted(ckpt.glob("custom_checkpoint_*.pkl"))]
+
+
+def run_state(ckpt) -> dict:
+    """The run's position (step, skipped steps), without the lr schedule kept beside it for the record."""
+    (state,) = [s for s in saved_objects(ckpt) if "step" in s]
+    return {k: v for k, v in state.items() if k != "lr_schedule"}
+
+
+# ---- 5. the loss falls, and the run writes its outputs ----
+
+def test_loss_falls_on_real_images(e2e_run):
+    cfg, _, out = e2e_run
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(10, E2E_STEPS + 1, 10))
+    losses = [r["loss"] for r in records]
+    assert all(0 < loss < 10 for loss in losses), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(r["bad_steps"] == 0 for r in records)
+    assert records[-1]["epoch"] == pytest.approx(E2E_STEPS / (5000 // 64))
+    assert all(r["lr"] >= 0 for r in records) and records[-1]["lr"] > 0
+
+
+def test_reconstruction_image_is_written(e2e_run):
+    _, _, out = e2e_run
+    images = sorted((out / "reconstructions").glob("*.png"))
+    assert [p.name for p in images] == [f"step_{E2E_STEPS:08d}.png"]  # image_every > steps: only the final one
+    with Image.open(images[0]) as img:
+        img.verify()
+    with Image.open(images[0]) as img:
+        width, height = img.size
+        pixels = torch.frombuffer(bytearray(img.convert("L").tobytes()), dtype=torch.uint8).float()
+    # Four columns (original, masked, reconstruction, pasted) of 32 px images, one row per preview image.
+    assert 4 * 32 <= width <= 4096 and 32 <= height <= 8192
+    assert height > width  # 8 preview rows, 4 columns
+    assert pixels.std() > 10  # an image, not a blank
+
+
+def test_checkpoints_keep_the_newest(e2e_run):
+    _, _, out = e2e_run
+    assert checkpoint_steps(out) == [40, 60]  # every 20, keep 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000040", "step_00000060"]
+
+
+def test_output_dir_holds_the_resolved_config(e2e_run):
+    cfg, _, out = e2e_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == to_dict(cfg)
+    assert saved["train"]["steps"] == E2E_STEPS and saved["model"]["encoder"] == "tiny"
+    assert saved["optim"]["weight_decay"] == 0.05  # inherited from base.yaml, written out resolved
+    assert load_config(PretrainConfig, out / "config.yaml") == cfg
+
+
+# ---- 9. checkpoint contents ----
+
+def test_checkpoint_holds_model_optimizer_schedule_rng_and_config(e2e_run):
+    cfg, model, out = e2e_run
+    ckpt = out / "checkpoints" / f"step_{E2E_STEPS:08d}"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "config.yaml"} <= names
+
+    # The weights are the model's at the end of the run.
+    saved = load_file(ckpt / "model.safetensors")
+    final = state_of(model)
+    assert set(saved) == set(final)
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+    # AdamW state for every trainable tensor, 60 updates each.
+    optim = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert len(optim["state"]) == trainable
+    assert {float(s["step"]) for s in optim["state"].values()} == {float(E2E_STEPS)}
+    assert {g["weight_decay"] for g in optim["param_groups"]} == {0.0, cfg.optim.weight_decay}
+
+    # The run's own position and the lr schedule, registered with accelerate.
+    custom = saved_objects(ckpt)
+    assert run_state(ckpt) == {"step": E2E_STEPS, "bad_steps": 0}
+    (schedule,) = [c["lr_schedule"] for c in custom if "lr_schedule" in c]
+    assert schedule["t_initial"] + schedule["warmup_t"] == E2E_STEPS
+
+    rng = torch.load(ckpt / "random_states_0.pkl", weights_only=False)
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(rng)
+
+    assert yaml.safe_load((ckpt / "config.yaml").read_text()) == to_dict(cfg)
+
+
+def copy_run(out, dest, config: bool = False):
+    """The newest checkpoint (and optionally config.yaml) of run `out` in a fresh output_dir `dest`."""
+    name = f"step_{E2E_STEPS:08d}"
+    shutil.copytree(out / "checkpoints" / name, dest / "checkpoints" / name)
+    if config:
+        shutil.copy(out / "config.yaml", dest / "config.yaml")
+    return dest / "checkpoints" / name
+
+
+def test_resume_with_another_model_size_names_the_difference(e2e_run, tmp_path):
+    _, _, out = e2e_run
+    ckpt = copy_run(out, tmp_path)
+    before = {p.name: file_digest(p) for p in ckpt.iterdir()}
+    cfg = quick_config(tmp_path, "model.encoder=small", "resume=auto", f"train.steps={E2E_STEPS + 10}")
+    with pytest.raises(ConfigError) as err:
+        run_train(cfg)
+    message = str(err.value)
+    assert "model.encoder" in message and "'tiny'" in message and "'small'" in message
+    assert ckpt.name in message
+    assert "decoder_dim" not in message  # only what differs
+    assert checkpoint_steps(tmp_path) == [E2E_STEPS]
+    assert {p.name: file_digest(p) for p in ckpt.iterdir()} == before
+    assert read_metrics(tmp_path) == []
+
+
+def test_refused_resume_leaves_the_runs_config_untouched(e2e_run, tmp_path):
+    _, _, out = e2e_run
+    copy_run(out, tmp_path, config=True)
+    before = file_digest(tmp_path / "config.yaml")
+    with pytest.raises(ConfigError):
+        run_train(quick_config(tmp_path, "model.encoder=small", "resume=auto"))
+    assert file_digest(tmp_path / "config.yaml") == before
+
+
+def test_fresh_run_refuses_an_output_dir_holding_checkpoints(e2e_run, tmp_path):
+    _, _, out = e2e_run
+    ckpt = copy_run(out, tmp_path, config=True)
+    before = {p.name: file_digest(p) for p in [*ckpt.iterdir(), tmp_path / "config.yaml"]}
+    with pytest.raises(ConfigError) as err:
+        run_train(quick_config(tmp_path, "resume=null"))
+    assert "resume=auto" in str(err.value) and ckpt.name in str(err.value)
+    assert {p.name: file_digest(p) for p in [*ckpt.iterdir(), tmp_path / "config.yaml"]} == before
+    assert checkpoint_steps(tmp_path) == [E2E_STEPS] and read_metrics(tmp_path) == []
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    run_train(quick_config(tmp_path, "train.steps=4", "train.warmup_steps=1", "log.every=1"))
+    run_train(quick_config(tmp_path, "train.steps=8", "train.warmup_steps=1", "log.every=1", "resume=auto"))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    extension = [r["lr"] for r in records[4:7]]  # steps 5-7 of a cosine decay to 0 at step 8
+    assert all(lr > 0 for lr in extension), extension
+    assert extension == sorted(extension, reverse=True)
+
+
+# ---- 7. non-finite losses ----
+
+@pytest.fixture
+def good_then_nan(tmp_path, monkeypatch):
+    """Two good steps (checkpoint at step 2), then a resumed run whose every loss is NaN.
+
+    Returns (run the NaN part with extra overrides -> the NonFiniteLoss, the models the loss saw,
+    the step-2 checkpoint folder, sha256 of its files).
+    """
+    from mpp.models.mae import MAE
+    from mpp.pretrain import NonFiniteLoss
+
+    run_train(quick_config(tmp_path, "train.steps=2", "checkpoint.every=2", "log.every=1"))
+    assert checkpoint_steps(tmp_path) == [2]
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    digests = {p.name: file_digest(p) for p in ckpt.iterdir()}
+
+    models = []
+    real_loss = MAE.loss
+
+    def nan_loss(self, imgs, pred, mask):  # NaN, but still a graph: backward gives NaN gradients
+        models.append(self)
+        return real_loss(self, imgs, pred, mask) * float("nan")
+
+    def run_nan(*extra):
+        monkeypatch.setattr(MAE, "loss", nan_loss)
+        cfg = quick_config(tmp_path, "train.steps=20", "log.every=1", "train.max_bad_steps=3", "resume=auto", *extra)
+        with pytest.raises(NonFiniteLoss) as err:
+            run_train(cfg)
+        return err.value
+
+    return run_nan, models, ckpt, digests
+
+
+def test_non_finite_losses_stop_the_run_without_updating_weights(good_then_nan, tmp_path):
+    run_nan, models, ckpt, digests = good_then_nan
+    logged_before = len(read_metrics(tmp_path))
+    err = run_nan("checkpoint.every=1000")
+    assert re.search(r"\b3 steps\b", str(err)), str(err)
+
+    # The model the bad steps ran on still holds exactly the checkpoint's weights: no update was applied.
+    assert len({id(m) for m in models}) == 1
+    saved = load_file(ckpt / "model.safetensors")
+    current = state_of(models[-1])
+    assert all(torch.isfinite(v).all() for v in current.values())
+    assert set(saved) == set(current) and all(torch.equal(saved[k], current[k]) for k in saved)
+    # Nothing was saved by the failed run, and the good checkpoint is intact.
+    assert checkpoint_steps(tmp_path) == [2]
+    assert {p.name: file_digest(p) for p in ckpt.iterdir()} == digests
+    # Bad steps log no made-up loss, count themselves, and the third in a row (step 5) stops the run.
+    new_records = read_metrics(tmp_path)[logged_before:]
+    assert [(r["step"], r["bad_steps"]) for r in new_records] == [(3, 1), (4, 2)]
+    assert all(r["loss"] != r["loss"] for r in new_records)  # NaN
+
+
+def test_no_checkpoint_is_saved_on_a_non_finite_step(good_then_nan, tmp_path):
+    run_nan, _, ckpt, digests = good_then_nan
+    run_nan("checkpoint.every=1")
+    assert checkpoint_steps(tmp_path) == [2]
+    assert {p.name: file_digest(p) for p in ckpt.iterdir()} == digests
+
+
+# ---- 6. kill and resume, SIGTERM ----
+
+def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
+    # data.train: the recipe's own repo-relative path (the run's cwd is the repo root).
+    args = [QUICKSTART, *small_overrides(tmp_path, "train.steps=40", "checkpoint.every=10", "log.every=5",
+                                         "resume=auto", "data.train=mpp/sample_data/cifar10")]
+    first_log = tmp_path / "first.log"
+    proc = start_pretrain(first_log, *args)
+    try:
+        wait_for(lambda: checkpoint_steps(tmp_path), proc, 240, "a checkpoint", first_log)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps = checkpoint_steps(tmp_path)
+    resumed_at = steps[-1]
+    assert 10 <= resumed_at < 40 and resumed_at % 10 == 0
+    logged_by_first = len(read_metrics(tmp_path))
+
+    second = subprocess.run(pretrain_command(*args), cwd=REPO,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    assert re.search(rf"resumed\b.*\bat step {resumed_at}\b", output), output[-3000:]
+
+    new_steps = [r["step"] for r in read_metrics(tmp_path)[logged_by_first:]]
+    assert new_steps == list(range(resumed_at + 5, 41, 5))  # picks up after S, logs every 5, ends at 40
+    assert checkpoint_steps(tmp_path)[-1] == 40
+    assert len(checkpoint_steps(tmp_path)) <= 2  # checkpoint.keep in the quickstart recipe
+    assert len(list((tmp_path / "checkpoints").glob("step_*"))) <= 2
+    assert run_state(tmp_path / "checkpoints" / "step_00000040") == {"step": 40, "bad_steps": 0}
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+    args = [QUICKSTART, *small_overrides(tmp_path, "train.steps=25", "checkpoint.every=1000", "log.every=1",
+                                         "resume=auto")]
+    first_log = tmp_path / "first.log"
+    proc = start_pretrain(first_log, *args)
+    try:
+        wait_for(lambda: any(r["step"] >= 2 for r in read_metrics(tmp_path)), proc, 240, "step 2", first_log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    output = first_log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = checkpoint_steps(tmp_path)
+    assert len(stopped) == 1, output[-3000:]
+    stop_step = stopped[0]
+    assert 2 <= stop_step < 25
+    assert read_metrics(tmp_path)[-1]["step"] == stop_step  # the step it finished is the one it saved
+    assert re.search(rf"stopped by signal at step {stop_step}\b", output), output[-3000:]
+    assert "Traceback" not in output
+
+    second = subprocess.run(pretrain_command(*args), cwd=REPO,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    assert re.search(rf"resumed\b.*\bat step {stop_step}\b", output), output[-3000:]
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == list(range(1, 26))  # no step lost, none repeated
+    assert checkpoint_steps(tmp_path) == [stop_step, 25]
+
+
+# ---- 8. two-process DDP on the CPU ----
+
+DDP_OVERRIDES = ["train.steps=6", "train.warmup_steps=2", "train.batch_size=64", "train.micro_batch_size=16",
+                 "log.every=1"]
+
+
+def launch_ddp(tmp_path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", str(REPO / "tests" / "ddp_pretrain_check.py"), str(tmp_path / "out"),
+               *small_overrides(tmp_path / "run", *DDP_OVERRIDES)]
+    return subprocess.run(command, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_ranks(tmp_path) -> list[dict]:
+    return [json.loads((tmp_path / "out" / f"rank{r}.json").read_text())
+            for r in range(2) if (tmp_path / "out" / f"rank{r}.json").is_file()]
+
+
+def test_ddp_two_cpu_processes_stay_in_lockstep(tmp_path):
+    # A plain launch: mpp itself must see the launcher's two processes (on CPU, accelerate needs cpu=True).
+    result = launch_ddp(tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    infos = read_ranks(tmp_path)
+    assert [(i["env_rank"], i["process_index"], i["num_processes"]) for i in infos] == [(0, 0, 2), (1, 1, 2)]
+    # Each process took every optimizer step, each from 64 / (16 x 2) = 2 micro-batches.
+    assert [i["optimizer_steps"] for i in infos] == [6, 6]
+    assert [i["train_forwards"] for i in infos] == [12, 12]
+
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
+    finals = [r["final"] for r in ranks]
+    assert set(finals[0]) == set(finals[1])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    # The processes started from the same (broadcast) weights and trained: every trainable tensor moved.
+    initial = ranks[0]["initial"]
+    assert all(torch.equal(initial[k], ranks[1]["initial"][k]) for k in initial)
+    fixed = {"encoder.pos_embed", "decoder_pos_embed"}
+    moved = {k for k in initial if not torch.equal(initial[k], finals[0][k])}
+    assert moved == set(initial) - fixed
+
+    # One process wrote the run's files: one record per step, one checkpoint.
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 7))
+    assert checkpoint_steps(tmp_path / "run") == [6]
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert all(torch.equal(saved[k], finals[0][k]) for k in saved)
+

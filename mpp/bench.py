@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.data import normalizer
 from mpp.flops import device_peak_flops, train_flops_per_image
-from mpp.pretrain import Schedule, build_training, effective_precision, train_step
+from mpp.pretrain import Schedule, build_training, effective_precision, set_cpu_threads, train_step
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "base.yaml"
 
@@ -28,6 +28,7 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "base.yaml"
 def bench_train(cfg: PretrainConfig, steps: int, warmup: int) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     device, batch = accelerator.device, cfg.train.micro_batch_size
+    set_cpu_threads(cfg, device)
     plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=warmup + steps + 1, warmup_steps=1,
                     lr=cfg.optim.base_lr * batch / 256)
     model, optimizer, _ = build_training(cfg, plan, device)

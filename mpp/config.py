@@ -12,7 +12,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -118,6 +118,13 @@ def _check(tp, value, name: str):
                 continue
         raise ConfigError(f"config key {name!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if not value else "yes") in choices:
+            return "no" if not value else "yes"  # YAML 1.1 reads a bare `no` as false
+        if value in choices:
+            return value
+        raise ConfigError(f"config key {name!r} expects one of {', '.join(map(str, choices))}; got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {name!r} expects {_type_name(tp)}, got {value!r}")
@@ -197,10 +204,11 @@ class TrainConfig:
     steps: Union[int, None] = None  # if set, overrides epochs
     warmup_epochs: float = 40
     warmup_steps: Union[int, None] = None  # if set, overrides warmup_epochs
-    mixed_precision: str = "bf16"   # bf16 | fp16 | no
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     grad_clip: Union[float, None] = None
     fused_attn: Union[bool, None] = None  # null: fused kernel on GPU, explicit matmuls on CPU (faster there)
     compile: bool = False           # torch.compile the model (helps on GPU; no gain measured on CPU)
+    cpu_threads: Union[int, None] = None  # on CPU; null: this process's cores / processes on the machine
     max_bad_steps: int = 10         # consecutive non-finite losses that stop the run
 
 

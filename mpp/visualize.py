@@ -10,21 +10,25 @@ from .models.mae import patchify, unpatchify
 
 
 def predictions_to_pixels(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                          norm_pix: bool) -> torch.Tensor:
+                          grid: tuple[int, int], norm_pix: bool) -> torch.Tensor:
     """Map predicted patches back to the input's (normalised) pixel space.
 
-    Norm-pix predictions carry no mean or scale of their own; a masked patch's true statistics
-    are unknown at test time, so each image's predictions take the average mean and standard
-    deviation of its *visible* patches.
+    Norm-pix predictions carry no brightness or contrast of their own, and a masked patch's true
+    statistics are unknown at test time. Each patch takes the mean and standard deviation of the
+    *visible* patches around it, weighted by inverse squared grid distance (a visible patch: its
+    own). An image-wide average instead paints every masked patch the same flat colour.
     """
     if not norm_pix:
         return pred
     patches = patchify(imgs, patch_size)
+    stats = torch.cat([patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()], dim=-1)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float().to(imgs.device)
+    weights = (1 - mask).unsqueeze(1) / torch.cdist(coords, coords).pow(2).clamp(min=1e-6)  # (B, N, N)
+    local = weights @ stats / weights.sum(-1, keepdim=True)
     visible = (1 - mask).unsqueeze(-1)
-    n_visible = visible.sum(dim=1, keepdim=True)
-    mean = (patches.mean(-1, keepdim=True) * visible).sum(1, keepdim=True) / n_visible
-    std = ((patches.var(-1, keepdim=True) + 1e-6).sqrt() * visible).sum(1, keepdim=True) / n_visible
-    return pred * std + mean
+    mean, std = (visible * stats + (1 - visible) * local).unbind(-1)
+    return pred * std.unsqueeze(-1) + mean.unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -39,7 +43,7 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean, std, seed: int = 0) -> 
         _, pred, mask = model(imgs)
     model.train(was_training)
     p, grid = model.patch_size, model.grid
-    pred = predictions_to_pixels(pred.float(), imgs, mask, p, model.norm_pix_loss)
+    pred = predictions_to_pixels(pred.float(), imgs, mask, p, grid, model.norm_pix_loss)
     mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
     original = (imgs * std_t + mean_t).clamp(0, 1)

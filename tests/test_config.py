@@ -206,3 +206,11 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "'optim.base_lr'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mixed_precision_no_survives_yaml_booleans():
+    # YAML 1.1 reads a bare `no` as false; the choice must still come out as accelerate's "no".
+    cfg = load_config(PretrainConfig, QUICKSTART, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*bf16, fp16, no"):
+        load_config(PretrainConfig, QUICKSTART, ["train.mixed_precision=fp8"])

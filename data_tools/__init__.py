@@ -1,3 +1,3 @@
 """Command-line tools that prepare data sets for mpp."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,4 +1,5 @@
-"""Tests for the minimal sharder, data_tools.shard, on a tiny tree of real CIFAR-10 images."""
+"""The basics of data_tools.shard (its first tests, from the minimal sharder) on a tiny tree of real
+CIFAR-10 images; the rest is in test_data_tools_shard.py."""
 
 import hashlib
 import json

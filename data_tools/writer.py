@@ -1,0 +1,102 @@
+"""Write one planned shard: read, check and encode its images, skip the bad ones, rename when complete."""
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_tools.images import Encoding, Rejected, pixel_limit, prepare
+from data_tools.tarwriter import ShardTarWriter
+
+# Every tar header field is pinned (mtime above all), so the same samples give the same bytes.
+TAR_HEADER = {"user": "mpp", "group": "mpp", "mode": 0o444, "mtime": 0}
+GZIP_LEVEL = 9  # shards are written once and read every epoch
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of a run shares; sent once to each worker process with its shards."""
+
+    out_dir: Path
+    state_dir: Path
+    reader: object  # sources.SourceReader
+    encoding: Encoding
+    max_pixels: int
+
+
+def temp_path(path):
+    return path.with_name(path.name + ".tmp")
+
+
+def write_json_atomically(path, content):
+    temp = temp_path(path)
+    temp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temp, path)
+
+
+@contextlib.contextmanager
+def open_output(path):
+    """The shard's raw file, gzip-wrapped for .gz names. The gzip header's mtime and file name are
+    pinned, as tarfile's own gzip mode writes the current time into it."""
+    with open(path, "wb") as raw:
+        if path.name.endswith(".gz.tmp"):
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=GZIP_LEVEL) as stream:
+                yield stream
+        else:
+            yield raw
+
+
+def write_shard(job, plan, report=lambda count: None):
+    """Write `plan` (a ShardPlan) to job.out_dir under a temporary name, rename it when complete,
+    then record it in job.state_dir; return that record. `report(n)` counts images done."""
+    path = job.out_dir / plan.name
+    rejected = []
+    num_samples = 0
+    try:
+        with pixel_limit(job.max_pixels), open_output(temp_path(path)) as stream, \
+                ShardTarWriter(stream, **TAR_HEADER) as writer:
+            for sample in plan.samples:
+                try:
+                    if sample.size is None:
+                        raise Rejected("unreadable", "the file does not exist or cannot be read")
+                    prepared = prepare(job.reader.read(sample.location), job.encoding)
+                except Rejected as error:
+                    rejected.append(rejection(plan, sample, error.reason, str(error)))
+                except OSError as error:
+                    rejected.append(rejection(plan, sample, "unreadable", f"{type(error).__name__}: {error}"))
+                else:
+                    writer.write(encode_sample(sample, prepared))
+                    num_samples += 1
+                report(1)
+    finally:
+        job.reader.close()  # a worker receives a fresh copy of the reader with every shard
+    os.replace(temp_path(path), path)
+    with open(path, "rb") as file:
+        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    record = {
+        "name": plan.name,
+        "num_samples": num_samples,
+        "bytes": path.stat().st_size,
+        "sha256": sha256,
+        "rejected": rejected,
+    }
+    write_json_atomically(job.state_dir / f"{plan.name}.json", record)
+    return record
+
+
+def rejection(plan, sample, reason, detail):
+    return {"split": plan.split, "shard": plan.name, "key": sample.key, "source": sample.path,
+            "reason": reason, "detail": detail}
+
+
+def encode_sample(sample, prepared):
+    metadata = {"source": sample.path, "width": prepared.width, "height": prepared.height}
+    fields = {"__key__": sample.key, prepared.field: prepared.data}
+    if sample.label is not None:
+        metadata["class_name"] = sample.class_name
+        fields["cls"] = str(sample.label).encode()
+    fields["json"] = json.dumps(metadata, sort_keys=True).encode()
+    return fields

@@ -1,15 +1,22 @@
 """Benchmarks that others can rerun; README's performance figures come from here.
 
     python -m mpp.bench train [RECIPE] [key=value ...] [--steps N] [--warmup N] [--json]
+    python -m mpp.bench loader SPEC [--img-size 224] [--workers 1 2] [--batch 64] [--limit N] [--json]
 
 `train` times pretraining steps of the recipe's model (default recipes/base.yaml) on synthetic
 uint8 images of its shape, through the same build_training/train_step as mpp/pretrain.py, with
 one micro-batch of train.micro_batch_size per step and the recipe's mixed precision.
+
+`loader` times the data pipeline on real shards, in one run: the decode-only rate of the same
+JPEGs (PIL open + convert to RGB, bytes read from the shards beforehand so no IO is counted: the
+ceiling of one worker), then for each worker count the pretrain-mode ShardLoader and a naive
+`webdataset ... .decode("pil")` + torchvision transforms pipeline, in images/s per worker and in total.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +82,140 @@ def bench_train(cfg: PretrainConfig, steps: int, warmup: int) -> dict:
     return result
 
 
+def _worker_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's live child processes (the loader workers), from /proc."""
+    import multiprocessing
+    total = 0.0
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+    return total
+
+
+def _timed_batches(batches, limit: int, skip: int) -> dict:
+    """Images/s over the batches after the first `skip` (worker start-up), stopping once `limit` images are timed;
+    also the workers' CPU time per image, which other work on the machine disturbs less than the wall clock."""
+    images, start, seen, cpu = 0, None, 0, 0.0
+    for batch in batches:
+        size = len(batch[0] if isinstance(batch, (tuple, list)) else batch["image"])
+        seen += 1
+        if seen <= skip:
+            if seen == skip:
+                start, cpu = time.perf_counter(), _worker_cpu_seconds()
+            continue
+        if start is None:
+            start, cpu = time.perf_counter(), _worker_cpu_seconds()
+        images += size
+        if images >= limit:
+            break
+    seconds = time.perf_counter() - start if start is not None else float("nan")
+    cpu = _worker_cpu_seconds() - cpu
+    if hasattr(batches, "close"):  # stop the loader's workers now, not whenever it is collected
+        batches.close()
+    elif hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
+    return {"images": images, "seconds": seconds, "img_per_s": images / seconds if images else float("nan"),
+            "worker_cpu_ms_per_img": 1e3 * cpu / images if images and cpu > 0 else float("nan")}
+
+
+def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int, split: str = "train",
+                 shuffle_buffer: int = 1000, trials: int = 3) -> dict:
+    """Each rate is the best of `trials` runs (other work on the machine only ever slows a run down)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from mpp.config import IMAGENET_MEAN, IMAGENET_STD
+    from mpp.data import ShardLoader, resolve_shards
+    from mpp.data.decode import _decode_jpeg_tensor
+    from mpp.data.shards import read_slice
+
+    torch.set_num_threads(1)
+    urls = resolve_shards(spec, split).urls
+    jpegs = []
+    for url in urls:
+        for sample in read_slice(url):
+            data = sample.get("jpg") or sample.get("jpeg")
+            if data is not None:
+                jpegs.append(data)
+            if len(jpegs) >= limit:
+                break
+        if len(jpegs) >= limit:
+            break
+
+    def rate(fn) -> dict:
+        best, cpu = 0.0, float("inf")
+        for _ in range(trials):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for data in jpegs:
+                fn(data)
+            best = max(best, len(jpegs) / (time.perf_counter() - start))
+            cpu = min(cpu, 1e3 * (time.process_time() - cpu_start) / len(jpegs))
+        return {"img_per_s": best, "cpu_ms_per_img": cpu}
+
+    def best_of(make_batches, k: int) -> dict:
+        runs = [_timed_batches(make_batches(), limit, skip=max(k, 1)) for _ in range(trials)]
+        best = max(runs, key=lambda r: r["img_per_s"])
+        best["per_worker"] = best["img_per_s"] / max(k, 1)
+        best["worker_cpu_ms_per_img"] = min(r["worker_cpu_ms_per_img"] for r in runs)
+        return best
+
+    for data in jpegs[:20]:  # warm caches
+        Image.open(io.BytesIO(data)).convert("RGB")
+    decode_pil = rate(lambda data: Image.open(io.BytesIO(data)).convert("RGB"))
+    decode_tv = rate(_decode_jpeg_tensor)
+
+    naive_transform = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    result = {"bench": "loader", "spec": str(spec), "shards": len(urls), "img_size": img_size, "batch": batch,
+              "limit": limit, "trials": trials, "cpus": len(os.sched_getaffinity(0)),
+              "decode_only": {**decode_pil, "what": "PIL open + convert('RGB') of the same JPEG bytes, one process"},
+              "decode_only_torchvision": decode_tv, "pipeline": {}, "naive": {}}
+
+    def pipeline(k):
+        return ShardLoader(spec, mode="pretrain", batch_size=batch, img_size=img_size, split=split, num_workers=k,
+                           shuffle_buffer=shuffle_buffer, seed=0, rank=0, world_size=1, pin_memory=False).forever()
+
+    def naive(k):
+        stages = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
+                  .repeat().decode("pil").to_tuple("jpg").map_tuple(naive_transform).batched(batch))
+        return iter(wds.WebLoader(stages, batch_size=None, num_workers=k))
+
+    for k in workers:
+        pipe = result["pipeline"][str(k)] = best_of(lambda: pipeline(k), k)
+        timed = result["naive"][str(k)] = best_of(lambda: naive(k), k)
+        pipe["of_ceiling"] = pipe["per_worker"] / decode_pil["img_per_s"]
+        pipe["of_ceiling_cpu"] = decode_pil["cpu_ms_per_img"] / pipe["worker_cpu_ms_per_img"]
+        pipe["vs_naive"] = pipe["img_per_s"] / timed["img_per_s"]
+    return result
+
+
+def print_loader(result: dict) -> None:
+    print(f"loader bench: {result['spec']} ({result['shards']} shards), {result['img_size']} px, batch "
+          f"{result['batch']}, {result['limit']} images per measurement, best of {result['trials']}, "
+          f"{result['cpus']} CPUs")
+    for name, label in [("decode_only", "decode-only (PIL), the ceiling"), ("decode_only_torchvision",
+                                                                          "decode-only (torchvision)")]:
+        rate = result[name]
+        print(f"  {label:<31} {rate['img_per_s']:8.1f} img/s   {rate['cpu_ms_per_img']:.3f} CPU ms/img")
+    print(f"  {'workers':>7}  {'pipeline/worker':>15}  {'pipeline total':>14}  {'naive total':>11}  "
+          f"{'of ceiling':>10}  {'vs naive':>8}  {'worker CPU ms/img':>17}  {'of ceiling (CPU)':>16}")
+    for k, pipe in result["pipeline"].items():
+        naive = result["naive"][k]
+        print(f"  {k:>7}  {pipe['per_worker']:15.1f}  {pipe['img_per_s']:14.1f}  {naive['img_per_s']:11.1f}  "
+              f"{pipe['of_ceiling']:10.0%}  {pipe['vs_naive']:7.2f}x  {pipe['worker_cpu_ms_per_img']:17.3f}  "
+              f"{pipe['of_ceiling_cpu']:16.0%}")
+    print("  (wall-clock rates: the best of the trials; CPU times: the workers' own, less disturbed by other load)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpp.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -83,7 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     train.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    loader = sub.add_parser("loader", help="images/s of the data pipeline against decode-only and a naive pipeline")
+    loader.add_argument("spec", help="shard spec: data_tools folder or manifest, brace pattern, folder of tars")
+    loader.add_argument("--img-size", type=int, default=224)
+    loader.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts (default 1 2)")
+    loader.add_argument("--batch", type=int, default=64)
+    loader.add_argument("--limit", type=int, default=2000, help="images per measurement (default 2000)")
+    loader.add_argument("--split", default="train", help="manifest split (default train)")
+    loader.add_argument("--shuffle-buffer", type=int, default=1000)
+    loader.add_argument("--trials", type=int, default=3, help="runs of each measurement; the best counts (default 3)")
+    loader.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+
+    if args.bench == "loader":
+        try:
+            result = bench_loader(args.spec, args.img_size, args.workers, args.batch, args.limit, args.split,
+                                  args.shuffle_buffer, args.trials)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_loader(result)
+        return 0
 
     recipe, overrides = DEFAULT_RECIPE, args.args
     if overrides and "=" not in overrides[0]:

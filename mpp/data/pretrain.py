@@ -1,67 +1,68 @@
-"""The pretraining stream: resampled shards -> shuffle -> decode -> random crop -> uint8 batches.
+"""What the pretraining job takes from mpp.data: batches, the on-device normaliser, preview images.
 
-Shards are drawn with replacement per rank and worker (webdataset's ResampledShards), so
-every rank yields exactly as many batches as asked, whatever the shard count, and no
-rank waits on another at the end of an epoch. The stream is seeded by (seed, start step,
-rank, worker): a resumed run draws fresh samples instead of replaying its first ones.
-Normalisation happens on the device, on the whole batch (`normalizer`), so workers ship uint8.
+`pretrain_loader` is the first loader's interface, kept until the trainer drives `ShardLoader`
+itself (epochs, `state_dict`, the `bad` counts); it yields the image tensors of a pretrain-mode
+`ShardLoader`, epoch after epoch, `num_batches` in all.
 """
 from __future__ import annotations
 
-import io
-import math
-
 import torch
-import webdataset as wds
-from PIL import Image
-from torchvision.transforms import v2 as T
 
-from .shards import resolve_shards
+from .decode import CropTransform
+from .loader import ShardLoader
+from .shards import read_first
 
 IMAGE_KEYS = "jpg;jpeg;png;webp;bmp;tif;tiff"
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")  # greyscale, palette, CMYK and alpha all become RGB
+class _Images:
+    def __init__(self, loader: ShardLoader, num_batches: int):
+        self.loader, self.num_batches = loader, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for count, batch in enumerate(self.loader.forever()):
+            if count >= self.num_batches:
+                return
+            yield batch["image"]
 
 
-def pretrain_transform(img_size: int, crop_scale) -> T.Compose:
-    return T.Compose([
-        T.PILToTensor(),
-        T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(),
-    ])
-
-
-def pretrain_loader(data_cfg, img_size: int, micro_batch: int, num_batches: int, seed: int) -> wds.WebLoader:
-    """An iterable of exactly `num_batches` (rounded up to the worker count) uint8 (B, 3, H, W) batches."""
-    urls = resolve_shards(data_cfg.train, data_cfg.split).urls
-    workers = data_cfg.num_workers
-    transform = pretrain_transform(img_size, data_cfg.crop_scale)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(data_cfg.shuffle_buffer, seed=seed),
-        wds.to_tuple(IMAGE_KEYS),
-        wds.map(lambda sample: transform(decode_rgb(sample[0])), handler=wds.warn_and_continue),
-        wds.batched(micro_batch, collation_fn=torch.stack, partial=False),
-    ).with_epoch(math.ceil(num_batches / max(workers, 1)))
-    generator = torch.Generator().manual_seed(seed)  # seeds the workers' crop and flip draws
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
-                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+def pretrain_loader(data_cfg, img_size: int, micro_batch: int, num_batches: int, seed: int):
+    """An iterable of exactly `num_batches` uint8 (B, 3, H, W) batches (the first loader's interface)."""
+    loader = ShardLoader.from_config(data_cfg, mode="pretrain", img_size=img_size, batch_size=micro_batch, seed=seed)
+    return _Images(loader, num_batches)
 
 
 def preview_images(url: str, img_size: int, count: int = 8) -> torch.Tensor:
-    """The first `count` images of a shard, centre-cropped: a fixed set to watch reconstructions improve on."""
-    view = T.Compose([T.PILToTensor(), T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.CenterCrop(img_size)])
-    samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(), wds.to_tuple(IMAGE_KEYS))
-    return torch.stack([view(decode_rgb(data)) for (data,), _ in zip(samples, range(count))])
+    """The first `count` images of a shard, short side resized to img_size and centre-cropped: a fixed set
+    to watch reconstructions improve on."""
+    view = CropTransform(img_size, "center", flip=False, crop_pct=1.0)
+    samples = read_first(url, count)
+    images = []
+    for sample in samples:
+        data = next((sample[k] for k in IMAGE_KEYS.split(";") if k in sample), None)
+        if data is not None:
+            images.append(view(data, None))
+    return torch.stack(images)
 
 
 def normalizer(mean, std, device):
-    """uint8 (B, C, H, W) -> float normalised per channel, on `device` (constants made once)."""
+    """Batch -> float normalised per channel, on `device` (constants made once).
+
+    uint8 (B, C, H, W) is scaled and normalised; floating input (fine-tuning's timm transform has
+    normalised it already) is moved to the device unchanged. The result is contiguous (the loader's
+    uint8 batches are channels-last in memory).
+    """
     scale = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
     shift = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-    return lambda batch: (batch.to(device, non_blocking=True).float() - shift) / scale
+
+    def normalize(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        if batch.is_floating_point():
+            return batch.contiguous()
+        return ((batch.float() - shift) / scale).contiguous()
+
+    return normalize
+

@@ -1,0 +1,269 @@
+"""Image bytes -> RGB -> the crop each stage trains or evaluates on.
+
+Every mode but fine-tuning yields uint8 (3, S, S) tensors (normalised later, on the device, by
+`normalizer`); fine-tuning yields timm's normalised, randomly erased float tensors.
+
+  pretrain  RandomResizedCrop(S, scale crop_scale (0.2-1), ratio 3/4-4/3, bicubic) + horizontal flip
+  probe     MAE's linear-probe transform: RandomResizedCrop(S, scale 0.08-1, bicubic) + flip
+  eval      resize the short side to floor(S / crop_pct) (bicubic), centre crop S (crop_pct 0.875: 256 -> 224)
+  finetune  timm.data.create_transform(is_training=True): RandomResizedCrop, flip, RandAugment
+            rand-m9-mstd0.5-inc1, normalise, random erasing 0.25 (pixel mode), bicubic: MAE's recipe
+
+The crop box is drawn from the image's header size before any pixel is decoded. A JPEG whose
+crop region is at least 2x (4x, 8x) the target in both directions is decoded at 1/2 (1/4, 1/8)
+size by libjpeg's DCT scaling (PIL `draft`), and the box scaled to match. Other JPEGs are decoded
+by torchvision's libjpeg-turbo decoder straight into a tensor; other formats by PIL. The crop and
+resize are one antialiased bicubic `interpolate` of the crop region (torchvision's tensor
+RandomResizedCrop does the same), several times faster than PIL's bicubic resize.
+
+Greyscale, palette, CMYK, 16-bit and other modes become RGB; alpha is composited on white (what
+a viewer shows; the colour under fully transparent pixels is often arbitrary). EXIF orientation is
+not applied (neither PIL's open nor torchvision's decoder does; data_tools writes photos upright).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+try:  # libjpeg-turbo straight into a tensor; deprecated in torchvision 0.29 (for TorchCodec), PIL stands in without it
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg
+except ImportError:  # pragma: no cover
+    _tv_decode_jpeg = None
+
+
+def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
+    """torchvision's JPEG decoder -> uint8 (3, H, W) RGB (raises RuntimeError on data it cannot decode)."""
+    with warnings.catch_warnings():  # its deprecation notice, once per image otherwise under pytest
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+MODES = ("pretrain", "probe", "eval", "finetune")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (loads the image)."""
+    mode = img.mode
+    if mode == "RGB":
+        img.load()
+        return img
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float greyscale -> 8-bit
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.size and a.max() > 255):
+            a = a / 257.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        if img.mode == "RGB":
+            return img
+        mode = "RGBA"
+    if mode in ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, HSV
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Image bytes -> RGB PIL image."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = to_rgb(img)
+        return rgb if rgb is not img else img.copy()
+
+
+def pil_to_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W) tensor (a channels-last view)."""
+    w, h = img.size
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+def decode_chw(data: bytes) -> torch.Tensor:
+    """Image bytes -> uint8 (3, H, W) RGB tensor: JPEGs through torchvision's decoder, others through PIL."""
+    if _tv_decode_jpeg is not None and data[:3] == b"\xff\xd8\xff":
+        try:
+            return _decode_jpeg_tensor(data)
+        except RuntimeError:
+            pass  # PIL decides whether it is corrupt, and raises if it is
+    return pil_to_chw(decode_rgb(data))
+
+
+def draft_factor(region_w: float, region_h: float, out_w: int, out_h: int) -> int:
+    """The largest JPEG reduction (8, 4, 2) that leaves the crop region at least the output size, else 1."""
+    for factor in (8, 4, 2):
+        if region_w >= factor * out_w and region_h >= factor * out_h:
+            return factor
+    return 1
+
+
+def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.Random):
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng`: (top, left, h, w)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(width: int, height: int, size: int, crop_pct: float):
+    """The region that Resize(floor(size / crop_pct)) + CenterCrop(size) shows, in source pixels: (top, left, h, w)."""
+    scale_size = math.floor(size / crop_pct)
+    side = size * min(width, height) / scale_size
+    h, w = min(height, side), min(width, side)
+    return (height - h) / 2, (width - w) / 2, h, w
+
+
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def jpeg_size(data: bytes):
+    """(width, height) from a JPEG's frame header, or None if `data` does not parse as a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            height, width = (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+            return (width, height) if width and height else None
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
+class CropTransform:
+    """bytes -> uint8 (3, size, size): a random-resized or centre crop, optional flip, JPEG draft decoding.
+
+    The result is channels-last in memory (the layout the resize is fastest in); with `out` (a
+    (3, size, size) view, e.g. a slot of a channels-last batch) it is written there.
+    """
+
+    dtype, channels_last = torch.uint8, True  # what it yields
+
+    def __init__(self, size: int, kind: str = "random", scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
+                 crop_pct: float = 0.875, draft: bool = True):
+        if kind not in ("random", "center"):
+            raise ValueError(f"crop kind must be 'random' or 'center', got {kind!r}")
+        self.size, self.kind, self.scale, self.ratio = size, kind, tuple(scale), tuple(ratio)
+        self.flip, self.crop_pct, self.draft = flip, crop_pct, draft
+        self.drafted = 0  # decodes at reduced size (in this process)
+
+    def box(self, width: int, height: int, rng: random.Random):
+        if self.kind == "random":
+            return random_resized_crop_box(width, height, self.scale, self.ratio, rng)
+        return center_crop_box(width, height, self.size, self.crop_pct)
+
+    def _pixels(self, data: bytes, rng: random.Random):
+        """Decoded pixels (3, H, W) and the crop box in their coordinates."""
+        size = jpeg_size(data)
+        if size is not None:
+            top, left, h, w = self.box(*size, rng)
+            factor = draft_factor(w, h, self.size, self.size) if self.draft else 1
+            if factor == 1 and _tv_decode_jpeg is not None:
+                try:
+                    return _decode_jpeg_tensor(data), (top, left, h, w)
+                except RuntimeError:
+                    pass  # PIL decides below whether it is corrupt, and raises if it is
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if size != (width, height):
+                top, left, h, w = self.box(width, height, rng)
+            factor = draft_factor(w, h, self.size, self.size) if self.draft and img.format == "JPEG" else 1
+            if factor > 1:
+                drafted = img.draft("RGB", (width // factor, height // factor))
+                reduction = width / drafted[1][2] if drafted else 1.0
+                top, left, h, w = top / reduction, left / reduction, h / reduction, w / reduction
+                self.drafted += reduction > 1
+            return pil_to_chw(to_rgb(img)), (top, left, h, w)
+
+    def __call__(self, data: bytes, rng: random.Random | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        pixels, (top, left, h, w) = self._pixels(data, rng)
+        _, full_h, full_w = pixels.shape
+        y0, x0 = min(int(round(top)), full_h - 1), min(int(round(left)), full_w - 1)
+        y1, x1 = min(max(int(round(top + h)), y0 + 1), full_h), min(max(int(round(left + w)), x0 + 1), full_w)
+        region = pixels[:, y0:y1, x0:x1].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        resized = F.interpolate(region, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                align_corners=False)
+        if self.flip and rng.random() < 0.5:
+            resized = resized.flip(-1)
+        if out is None:
+            return resized[0]
+        out.copy_(resized[0])
+        return out
+
+
+class TimmTransform:
+    """bytes -> float normalised (3, size, size) via timm's create_transform (fine-tuning).
+
+    timm's augmentations draw from the global `random`, `numpy.random` and torch RNGs; the dataset
+    seeds those per worker and epoch (and swaps them around each call in the main process).
+    """
+
+    uses_global_rng = True
+    dtype, channels_last = torch.float32, False
+
+    def __init__(self, size: int, mean, std, training: bool = True, crop_pct: float = 0.875):
+        from timm.data import create_transform
+        if training:
+            self.transform = create_transform(
+                input_size=size, is_training=True, color_jitter=None, auto_augment="rand-m9-mstd0.5-inc1",
+                interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
+        else:
+            self.transform = create_transform(input_size=size, is_training=False, interpolation="bicubic",
+                                              crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))
+        self.size = size
+
+    def __call__(self, data: bytes, rng: random.Random | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.transform(decode_rgb(data))
+        if out is None:
+            return image
+        out.copy_(image)
+        return out
+
+
+def build_transform(mode: str, img_size: int, crop_scale=None, mean=None, std=None, crop_pct: float = 0.875,
+                    draft: bool = True):
+    """The per-sample transform of a loader mode (see the module docstring)."""
+    if mode == "pretrain":
+        return CropTransform(img_size, "random", scale=tuple(crop_scale or (0.2, 1.0)), draft=draft)
+    if mode == "probe":
+        return CropTransform(img_size, "random", scale=tuple(crop_scale or (0.08, 1.0)), draft=draft)
+    if mode == "eval":
+        return CropTransform(img_size, "center", flip=False, crop_pct=crop_pct, draft=draft)
+    if mode == "finetune":
+        from mpp.config import IMAGENET_MEAN, IMAGENET_STD
+        return TimmTransform(img_size, mean or IMAGENET_MEAN, std or IMAGENET_STD, training=True)
+    raise ValueError(f"loader mode must be one of {', '.join(MODES)}; got {mode!r}")

@@ -30,7 +30,7 @@ from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from mpp.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
-from mpp.data import normalizer, pretrain_loader, preview_images, resolve_shards
+from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.flops import device_peak_flops, train_flops_per_image
 from mpp.models import build_model, set_fused_attn
 from mpp.runlog import RunLog
@@ -54,14 +54,19 @@ class RunState:
     """
 
     def __init__(self, scheduler):
-        self.scheduler, self.step, self.bad_steps = scheduler, 0, 0  # bad_steps: non-finite losses skipped
+        self.scheduler, self.step = scheduler, 0
+        self.bad_steps = 0  # non-finite losses skipped
+        self.bad_samples = 0  # corrupt samples the loader skipped, all processes, as of the last metrics record
+        self.reported_bad = 0  # this process's loader count already in bad_samples (not saved: the loader restarts at 0)
         self.saved_lr_schedule = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "bad_steps": self.bad_steps, "lr_schedule": self.scheduler.state_dict()}
+        return {"step": self.step, "bad_steps": self.bad_steps, "bad_samples": self.bad_samples,
+                "lr_schedule": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.bad_steps, self.saved_lr_schedule = state["step"], state["bad_steps"], state["lr_schedule"]
+        self.step, self.bad_steps, self.bad_samples = state["step"], state["bad_steps"], state["bad_samples"]
+        self.saved_lr_schedule = state["lr_schedule"]
 
 
 class Window:
@@ -93,7 +98,7 @@ class Schedule:
     lr: float
 
 
-def plan_schedule(cfg: PretrainConfig, num_processes: int, num_samples: int | None) -> Schedule:
+def plan_schedule(cfg: PretrainConfig, num_processes: int, num_samples: int) -> Schedule:
     """Turn batch sizes, epochs and the data size into accumulation steps, step counts and the lr."""
     t = cfg.train
     per_step = t.micro_batch_size * num_processes
@@ -101,10 +106,7 @@ def plan_schedule(cfg: PretrainConfig, num_processes: int, num_samples: int | No
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
             f"x {num_processes} processes = {per_step}; change either so that it is")
-    if num_samples is None and (t.steps is None or t.warmup_steps is None):
-        raise ConfigError("the shard spec has no manifest, so epochs cannot be counted: set data.num_samples, "
-                          "or train.steps and train.warmup_steps")
-    steps_per_epoch = max(1, (num_samples or t.batch_size) // t.batch_size)
+    steps_per_epoch = max(1, num_samples // t.batch_size)
     total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
     return Schedule(grad_accum=t.batch_size // per_step, steps_per_epoch=steps_per_epoch, total_steps=total,
@@ -177,11 +179,14 @@ def train_step(accelerator, model, optimizer, micro_batches, grad_clip: float | 
 def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     if cfg.data.train is None:
         raise ConfigError(NO_DATA.format(recipe=recipe))
-    shards = resolve_shards(cfg.data.train, cfg.data.split)  # a spec that matches nothing fails here, at once
     # Launched as several processes on a machine without GPUs: accelerate sets up gloo DDP only if told cpu=True.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=cpu_ddp)
-    plan = plan_schedule(cfg, state.num_processes, cfg.data.num_samples or shards.num_samples)
+    # A spec that matches nothing, or has no sample counts, fails here, before anything is written.
+    loader = ShardLoader.from_config(cfg.data, mode="pretrain", img_size=cfg.model.img_size,
+                                     batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                                     rank=state.process_index, world_size=state.num_processes)
+    plan = plan_schedule(cfg, state.num_processes, loader.num_samples)
     output_dir = Path(cfg.output_dir)
     if cfg.resume is None and list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds a run's checkpoints (newest: {list_checkpoints(output_dir)[-1].name});"
@@ -207,7 +212,7 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     model, optimizer, scheduler = build_training(cfg, plan, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = RunState(scheduler)
-    accelerator.register_for_checkpointing(run)
+    accelerator.register_for_checkpointing(run, loader)  # the loader's state: its epoch and batches consumed
 
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -222,10 +227,7 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans, accelerator.device)
     peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)
     to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)
-    remaining_batches = (plan.total_steps - start_step) * plan.grad_accum
-    loader = pretrain_loader(cfg.data, cfg.model.img_size, cfg.train.micro_batch_size, remaining_batches,
-                             seed=hash((cfg.seed, start_step, accelerator.process_index)) & 0x7FFFFFFF)
-    batches = iter(loader)
+    batches = loader.forever()
 
     stop_signal = torch.zeros((), device=accelerator.device)
     def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
@@ -236,13 +238,13 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
     log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
               f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
               f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image")
-    preview = to_input(preview_images(shards.urls[0], cfg.model.img_size))
+    preview = to_input(preview_images(loader.urls[0], cfg.model.img_size))
     try:
         bad_in_row, window = 0, Window(start_step)
         model.train()
         while run.step < plan.total_steps:
             scheduler.step_update(run.step)
-            micro_batches = (to_input(next(batches)) for _ in range(plan.grad_accum))
+            micro_batches = (to_input(next(batches)["image"]) for _ in range(plan.grad_accum))
             loss_value, stop, grad_norm = train_step(accelerator, model, optimizer, micro_batches,
                                                      cfg.train.grad_clip, stop_signal)
             if math.isfinite(loss_value):
@@ -262,9 +264,14 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             window.add(loss_value)
             last = run.step == plan.total_steps
             if run.step % cfg.log.every == 0 or last:
+                # Corrupt samples the loader skipped (and replaced), summed over processes.
+                skipped = accelerator.reduce(torch.tensor(float(loader.totals["bad"] - run.reported_bad),
+                                                          device=accelerator.device), "sum").item()
+                run.reported_bad, run.bad_samples = loader.totals["bad"], run.bad_samples + int(skipped)
                 images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
                 metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
-                           "img_per_s": images_per_s, "bad_steps": run.bad_steps}
+                           "img_per_s": images_per_s, "bad_steps": run.bad_steps,
+                           "bad_samples": run.bad_samples}
                 if grad_norm is not None:
                     metrics["grad_norm"] = grad_norm
                 if peak:
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, args[0], args[1:])
         train(cfg, recipe=args[0])
-    except (ConfigError, FileNotFoundError, NonFiniteLoss, OSError) as err:
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, OSError, ValueError) as err:  # ValueError: bad data specs
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0

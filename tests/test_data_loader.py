@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import REPO, SAMPLE_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-from mpp.data import ShardLoader, decode_rgb, normalizer, pretrain_loader, resolve_shards
+from mpp.data import ShardLoader, decode_rgb, normalizer, resolve_shards
 from mpp.data.decode import CropTransform, build_transform, draft_factor, jpeg_size, random_resized_crop_box
 from mpp.data.loader import EpochPlan, split_batches
 from mpp.data.shards import count_samples, read_slice
@@ -470,11 +470,19 @@ def test_normalizer_normalises_uint8_and_passes_float_through():
     assert torch.equal(norm(already), already)
 
 
-def test_pretrain_loader_keeps_its_interface():
+def test_forever_runs_on_across_epochs_as_the_trainer_draws_it():
     from mpp.config import DataConfig
     cfg = DataConfig(train=str(SAMPLE_DATA), num_workers=0, shuffle_buffer=100)
-    batches = list(pretrain_loader(cfg, 32, 64, 100, seed=3))  # more than one epoch (78 batches)
-    assert len(batches) == 100 and all(b.shape == (64, 3, 32, 32) and b.dtype == torch.uint8 for b in batches)
+    loader = ShardLoader.from_config(cfg, mode="pretrain", img_size=32, batch_size=64, seed=3)
+    assert len(loader) == 5000 // 64
+    keys, stream = [], loader.forever()
+    for _ in range(100):  # more than one epoch (78 batches)
+        batch = next(stream)
+        assert batch["image"].shape == (64, 3, 32, 32) and batch["image"].dtype == torch.uint8
+        keys.append(batch["key"])
+    first_epoch = [k for ks in keys[:78] for k in ks]
+    assert len(set(first_epoch)) == 78 * 64  # no sample twice within an epoch
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batches"] == 22
 
 
 def test_bench_loader_runs_and_prints_json(tmp_path):

@@ -120,7 +120,10 @@ def test_checkpoint_holds_model_optimizer_schedule_rng_and_config(e2e_run):
 
     # The run's own position and the lr schedule, registered with accelerate.
     custom = saved_objects(ckpt)
-    assert run_state(ckpt) == {"step": E2E_STEPS, "bad_steps": 0}
+    assert run_state(ckpt) == {"step": E2E_STEPS, "bad_steps": 0, "bad_samples": 0}
+    # The loader's position: 60 steps of one 64-image micro-batch, 78 batches an epoch (5000 // 64).
+    (data,) = [c for c in custom if "batches" in c]
+    assert (data["epoch"], data["batches"]) == (0, E2E_STEPS) and data["batches_per_epoch"] == 5000 // 64
     (schedule,) = [c["lr_schedule"] for c in custom if "lr_schedule" in c]
     assert schedule["t_initial"] + schedule["warmup_t"] == E2E_STEPS
 
@@ -278,7 +281,7 @@ def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     assert checkpoint_steps(tmp_path)[-1] == 40
     assert len(checkpoint_steps(tmp_path)) <= 2  # checkpoint.keep in the quickstart recipe
     assert len(list((tmp_path / "checkpoints").glob("step_*"))) <= 2
-    assert run_state(tmp_path / "checkpoints" / "step_00000040") == {"step": 40, "bad_steps": 0}
+    assert run_state(tmp_path / "checkpoints" / "step_00000040") == {"step": 40, "bad_steps": 0, "bad_samples": 0}
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):

@@ -1,38 +1,12 @@
-"""What the pretraining job takes from mpp.data: batches, the on-device normaliser, preview images.
-
-`pretrain_loader` is the first loader's interface, kept until the trainer drives `ShardLoader`
-itself (epochs, `state_dict`, the `bad` counts); it yields the image tensors of a pretrain-mode
-`ShardLoader`, epoch after epoch, `num_batches` in all.
-"""
+"""Beside the loader, what the training jobs take from mpp.data: the on-device normaliser and preview images."""
 from __future__ import annotations
 
 import torch
 
 from .decode import CropTransform
-from .loader import ShardLoader
 from .shards import read_first
 
 IMAGE_KEYS = "jpg;jpeg;png;webp;bmp;tif;tiff"
-
-
-class _Images:
-    def __init__(self, loader: ShardLoader, num_batches: int):
-        self.loader, self.num_batches = loader, num_batches
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self):
-        for count, batch in enumerate(self.loader.forever()):
-            if count >= self.num_batches:
-                return
-            yield batch["image"]
-
-
-def pretrain_loader(data_cfg, img_size: int, micro_batch: int, num_batches: int, seed: int):
-    """An iterable of exactly `num_batches` uint8 (B, 3, H, W) batches (the first loader's interface)."""
-    loader = ShardLoader.from_config(data_cfg, mode="pretrain", img_size=img_size, batch_size=micro_batch, seed=seed)
-    return _Images(loader, num_batches)
 
 
 def preview_images(url: str, img_size: int, count: int = 8) -> torch.Tensor:

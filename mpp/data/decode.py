@@ -107,7 +107,13 @@ def draft_factor(region_w: float, region_h: float, out_w: int, out_h: int) -> in
 
 
 def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.Random):
-    """torchvision's RandomResizedCrop.get_params, drawing from `rng`: (top, left, h, w)."""
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng`: (top, left, h, w).
+
+    Restated because torchvision's draws from the global torch RNG and takes no generator: the
+    loader's crops must come from each worker's own seeded RNG, so the stream replays exactly and
+    the trainer's RNG (masking, init) is never moved by data loading. It also needs only the
+    header's size, so the crop is known before the JPEG is decoded (and can be decoded reduced).
+    """
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):

@@ -198,6 +198,9 @@ class TarStream:
 
     tarfile parses every header field and keeps every header; this reads a header in a few
     microseconds, seeks over skipped data when the stream can seek, and checks header checksums.
+    Measured on the 2-core development CPU: 0.04 ms of tar work per sample against tarfile's 0.08.
+    webdataset's tar iterator is tarfile in stream mode, which cannot seek past the samples a
+    resumed epoch or a later worker's slice skips.
     """
 
     def __init__(self, stream, seekable: bool):

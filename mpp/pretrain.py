@@ -188,8 +188,9 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
                                      rank=state.process_index, world_size=state.num_processes)
     plan = plan_schedule(cfg, state.num_processes, loader.num_samples)
     output_dir = Path(cfg.output_dir)
-    if cfg.resume is None and list_checkpoints(output_dir):
-        raise ConfigError(f"{output_dir} already holds a run's checkpoints (newest: {list_checkpoints(output_dir)[-1].name});"
+    existing = list_checkpoints(output_dir)
+    if cfg.resume is None and existing:
+        raise ConfigError(f"{output_dir} already holds a run's checkpoints (newest: {existing[-1].name});"
                           " continue it with resume=auto, or start afresh in another output_dir")
     checkpoint = resolve_resume(cfg.resume, output_dir)
     if checkpoint is not None:

@@ -47,6 +47,11 @@ def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    """The encoded image of a WebDataset sample, whichever extension it is stored under."""
+    return next((sample[ext] for ext in IMAGE_EXTS if sample.get(ext) is not None), None)
 MODES = ("pretrain", "probe", "eval", "finetune")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import IMAGE_EXTS, MODES, build_transform
+from .decode import MODES, build_transform, image_bytes
 from .shards import SliceStats, count_samples, estimate_counts, read_slice, resolve_shards
 
 log = logging.getLogger("mpp.data")
@@ -163,14 +163,6 @@ def _label(sample) -> int:
         return -1
 
 
-def _image_bytes(sample):
-    for ext in IMAGE_EXTS:
-        data = sample.get(ext)
-        if data is not None:
-            return data
-    return None
-
-
 class _GlobalRNG:
     """Private states of the global random / numpy / torch RNGs, swapped in around a call in the main process."""
 
@@ -284,7 +276,7 @@ class EpochDataset(IterableDataset):
         """Decode and transform `chunk` into consecutive slots of `images`: ([(key, label, image)], corrupt count)."""
         goods, corrupt = [], 0
         for sample in chunk:
-            data = _image_bytes(sample)
+            data = image_bytes(sample)
             slot = images[len(goods)] if images is not None else None
             try:
                 if data is None:

@@ -3,23 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .decode import CropTransform
+from .decode import CropTransform, image_bytes
 from .shards import read_first
-
-IMAGE_KEYS = "jpg;jpeg;png;webp;bmp;tif;tiff"
 
 
 def preview_images(url: str, img_size: int, count: int = 8) -> torch.Tensor:
     """The first `count` images of a shard, short side resized to img_size and centre-cropped: a fixed set
     to watch reconstructions improve on."""
     view = CropTransform(img_size, "center", flip=False, crop_pct=1.0)
-    samples = read_first(url, count)
-    images = []
-    for sample in samples:
-        data = next((sample[k] for k in IMAGE_KEYS.split(";") if k in sample), None)
-        if data is not None:
-            images.append(view(data, None))
-    return torch.stack(images)
+    encoded = (image_bytes(sample) for sample in read_first(url, count))
+    return torch.stack([view(data, None) for data in encoded if data is not None])
 
 
 def normalizer(mean, std, device):

@@ -234,6 +234,74 @@ class CheckpointConfig:
     keep: int = 3                   # newest checkpoints kept
 
 
+# ---- Evaluation and fine-tuning (issue 5): linprobe.py, knn.py, finetune.py, and pretraining's online kNN. ----
+
+@dataclasses.dataclass
+class LabelledDataConfig:
+    train: Union[str, list[str], None] = None  # labelled shards: what the probe / kNN bank / fine-tune trains on
+    train_split: str = "train"
+    val: Union[str, list[str], None] = None  # evaluation shards; null: the same spec as `train`
+    val_split: str = "val"
+    num_workers: int = 8            # loader processes per rank
+    batch_size: int = 256           # per process, for feature extraction and evaluation
+    shuffle_buffer: int = 5000      # fine-tuning's training stream
+    crop_pct: float = 0.875         # evaluation centre crop: resize the short side to img_size / crop_pct
+    mean: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclasses.dataclass
+class FeatureConfig:
+    pool: Literal["cls", "mean"] = "cls"  # class token (MAE's probe) or the mean of the patch tokens
+    blocks: int = 1                 # concatenate the features of the last k blocks, each through the final norm
+
+
+@dataclasses.dataclass
+class KnnConfig:
+    k: int = 20                     # neighbours voting (DINO)
+    temperature: float = 0.07       # votes weighted by exp(cosine similarity / temperature)
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    batch_size: int = 16384         # global; the head is trained on every process alike (see linprobe.py)
+    epochs: int = 90
+    warmup_epochs: float = 10
+    base_lr: float = 0.1            # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9           # lars, sgd
+    augment: bool = True            # random-resized crop + flip, features extracted anew every epoch (MAE);
+                                    # false: centre crops, features extracted once and cached
+    cache: Literal["memory", "disk"] = "memory"  # where extracted features live; disk: reused by later runs
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """linprobe.py and knn.py: a frozen encoder judged on labelled shards."""
+    output_dir: Union[str, None] = None  # default runs/<recipe name>
+    seed: int = 0
+    ckpt: Union[str, None] = None   # checkpoint folder, run folder or exported .safetensors; none: random init
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the encoder's shape (decoder keys unused)
+    data: LabelledDataConfig = dataclasses.field(default_factory=LabelledDataConfig)
+    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    cpu_threads: Union[int, None] = None
+
+
+@dataclasses.dataclass
+class OnlineKnnConfig:
+    """Pretraining's kNN accuracy every `every` steps on a small labelled set."""
+    every: int = 0                  # steps between evaluations; 0: off. data.mean/std: pretraining's are used
+    # (nested sections take their schema defaults key by key: a recipe, not a factory here, sets other ones)
+    data: LabelledDataConfig = dataclasses.field(default_factory=LabelledDataConfig)
+    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+    knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
+
+
 @dataclasses.dataclass
 class PretrainConfig:
     output_dir: Union[str, None] = None  # default runs/<recipe name>
@@ -241,6 +309,38 @@ class PretrainConfig:
     resume: Union[str, None] = None  # auto: newest checkpoint in output_dir, if any; or a checkpoint path
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    knn: OnlineKnnConfig = dataclasses.field(default_factory=OnlineKnnConfig)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """finetune.py: a timm ViT classifier initialised from a pretrained encoder."""
+    num_classes: Union[int, None] = None  # null: the manifest's class count
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE); token: class token
+    drop_path: float = 0.1
+    layer_decay: float = 0.65       # lr of block i scaled by decay^(depth - i) (timm parameter groups)
+    mixup: float = 0.8              # mixup alpha; 0: off
+    cutmix: float = 1.0             # cutmix alpha; 0: off
+    label_smoothing: float = 0.1
+    rand_augment: Union[str, None] = "rand-m9-mstd0.5-inc1"  # timm auto_augment spec; null: off
+    reprob: float = 0.25            # random erasing probability
+    ema: bool = False               # keep an exponential moving average of the weights, evaluated beside them
+    ema_decay: float = 0.9999
+
+
+@dataclasses.dataclass
+class FinetuneRunConfig:
+    output_dir: Union[str, None] = None  # default runs/<recipe name>
+    seed: int = 0
+    resume: Union[str, None] = None  # auto: newest checkpoint in output_dir, if any; or a checkpoint path
+    ckpt: Union[str, None] = None   # pretrained weights (any stage); none: from scratch
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # img_size may differ from pretraining
+    data: LabelledDataConfig = dataclasses.field(default_factory=LabelledDataConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)

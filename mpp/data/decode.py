@@ -246,12 +246,13 @@ class TimmTransform:
     uses_global_rng = True
     dtype, channels_last = torch.float32, False
 
-    def __init__(self, size: int, mean, std, training: bool = True, crop_pct: float = 0.875):
+    def __init__(self, size: int, mean, std, training: bool = True, crop_pct: float = 0.875,
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25):
         from timm.data import create_transform
-        if training:
+        if training:  # MAE's fine-tuning augmentation by default
             self.transform = create_transform(
-                input_size=size, is_training=True, color_jitter=None, auto_augment="rand-m9-mstd0.5-inc1",
-                interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
+                input_size=size, is_training=True, color_jitter=None, auto_augment=auto_augment,
+                interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
         else:
             self.transform = create_transform(input_size=size, is_training=False, interpolation="bicubic",
                                               crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))
@@ -266,8 +267,9 @@ class TimmTransform:
 
 
 def build_transform(mode: str, img_size: int, crop_scale=None, mean=None, std=None, crop_pct: float = 0.875,
-                    draft: bool = True):
-    """The per-sample transform of a loader mode (see the module docstring)."""
+                    draft: bool = True, augment: dict | None = None):
+    """The per-sample transform of a loader mode (see the module docstring); `augment`: TimmTransform's
+    options (auto_augment, re_prob) in finetune mode."""
     if mode == "pretrain":
         return CropTransform(img_size, "random", scale=tuple(crop_scale or (0.2, 1.0)), draft=draft)
     if mode == "probe":
@@ -276,5 +278,5 @@ def build_transform(mode: str, img_size: int, crop_scale=None, mean=None, std=No
         return CropTransform(img_size, "center", flip=False, crop_pct=crop_pct, draft=draft)
     if mode == "finetune":
         from mpp.config import IMAGENET_MEAN, IMAGENET_STD
-        return TimmTransform(img_size, mean or IMAGENET_MEAN, std or IMAGENET_STD, training=True)
+        return TimmTransform(img_size, mean or IMAGENET_MEAN, std or IMAGENET_STD, training=True, **(augment or {}))
     raise ValueError(f"loader mode must be one of {', '.join(MODES)}; got {mode!r}")

@@ -343,6 +343,9 @@ class ShardLoader:
       label  int64 (B,), -1 where the sample has none
       key    list of B sample keys ("" for padding)
       valid  bool (B,): False for evaluation padding and for corrupt samples' slots
+
+    `exact=True` gives any mode the evaluation plan; `augment` passes finetune mode's timm options
+    (auto_augment, re_prob) to its transform.
       bad    samples this worker skipped (undecodable, or planned but missing) since its last batch
       repeated  entries of the batch that repeat a good sample to make up for skipped ones (training)
     """
@@ -351,13 +354,16 @@ class ShardLoader:
                  num_samples: int | None = None, num_workers: int = 4, shuffle_buffer: int = 5000, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, crop_scale=None, crop_pct: float = 0.875,
                  mean=None, std=None, draft: bool = True, pin_memory: bool | None = None, prefetch_factor: int = 2,
-                 epoch: int = 0):
+                 epoch: int = 0, exact: bool | None = None, augment: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"loader mode must be one of {', '.join(MODES)}; got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         shards = resolve_shards(spec, split)  # a spec that matches nothing fails here, naming it
-        self.spec, self.mode, self.training = spec, mode, mode in ("pretrain", "probe", "finetune")
+        # exact: the evaluation plan (every sample once, in order, padded) whatever the transform; a linear
+        # probe with augmentation reads its training split so, with random crops drawn anew each epoch.
+        self.spec, self.mode = spec, mode
+        self.training = mode in ("pretrain", "probe", "finetune") if exact is None else not exact
         self.urls, self.counts = shards.urls, self._counts(spec, shards, num_samples)
         self.num_samples = sum(self.counts)
         default_rank, default_world = _dist_rank_world()
@@ -368,7 +374,7 @@ class ShardLoader:
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.workers = max(1, num_workers)  # the plan's worker count (num_workers=0: one, in this process)
         self.shuffle_buffer = shuffle_buffer if self.training else 0
-        self.transform = build_transform(mode, img_size, crop_scale, mean, std, crop_pct, draft)
+        self.transform = build_transform(mode, img_size, crop_scale, mean, std, crop_pct, draft, augment)
         self.img_size = img_size
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor

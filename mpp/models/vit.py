@@ -27,15 +27,17 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int, class_token: bool = True) 
     return emb.unsqueeze(0)
 
 
-def vit_encoder(size: str, img_size: int, patch_size: int, in_chans: int = 3, **timm_kwargs) -> VisionTransformer:
-    """A headless timm ViT of a named size whose position embedding is fixed sin-cos."""
+def vit_encoder(size: str, img_size: int, patch_size: int, in_chans: int = 3, num_classes: int = 0,
+                **timm_kwargs) -> VisionTransformer:
+    """A timm ViT of a named size whose position embedding is fixed sin-cos; headless unless given
+    num_classes (fine-tuning, which also makes pos_embed trainable)."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
     width, depth, heads = VIT_SIZES[size]
     if img_size % patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
     vit = VisionTransformer(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
+        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         embed_dim=width, depth=depth, num_heads=heads, **timm_kwargs,
     )
     with torch.no_grad():

@@ -1,0 +1,399 @@
+"""The training machinery every stage shares (pretraining, fine-tuning): processes and accelerator,
+the resume rules, the run's output folder, the step loop with its logging, checkpoints and
+signal stop. A stage supplies its model, optimizer, a stream of micro-batches and the loss
+of one; everything that decides *when* things happen lives here, once.
+
+    with Trainer(cfg) as trainer:              # processes (gloo DDP on CPUs)
+        loader = ...; plan = plan_schedule(cfg, trainer.num_processes, loader.num_samples)
+        trainer.check_resume(shape_settings)   # refuses a bad resume before anything is written
+        accelerator = trainer.open(plan)       # accelerator, seed, threads, output_dir/config.yaml
+        ... build and prepare the model and optimizer ...
+        run = trainer.restore(scheduler, plan, loader)  # registers them for checkpoints; loads one if resuming
+        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, loss_fn, periodic=[...])
+
+`cfg` is any run config with output_dir, seed, resume, model, train, optim, log and checkpoint
+sections (PretrainConfig, FinetuneRunConfig).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from timm.scheduler import CosineLRScheduler
+
+from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from mpp.config import ConfigError, load_config, save_config, to_dict
+from mpp.flops import device_peak_flops, train_flops_per_image
+from mpp.runlog import RunLog
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class RunState:
+    """The loop's own position, saved in every checkpoint beside the model and optimizer.
+
+    The lr schedule is a function of the config and the step, so it is rebuilt from the config on
+    resume (a run can be extended with more steps); the checkpoint keeps its state for the record.
+    """
+
+    def __init__(self, scheduler):
+        self.scheduler, self.step = scheduler, 0
+        self.bad_steps = 0  # non-finite losses skipped
+        self.bad_samples = 0  # corrupt samples the loader skipped, all processes, as of the last metrics record
+        self.reported_bad = 0  # this process's loader count already in bad_samples (not saved: the loader restarts at 0)
+        self.saved_lr_schedule = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "bad_steps": self.bad_steps, "bad_samples": self.bad_samples,
+                "lr_schedule": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_steps, self.bad_samples = state["step"], state["bad_steps"], state["bad_samples"]
+        self.saved_lr_schedule = state["lr_schedule"]
+
+
+class Window:
+    """Loss and throughput since the last metrics record."""
+
+    def __init__(self, step: int):
+        self.first_step, self.start, self.losses = step, time.perf_counter(), []
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    def steps(self, step: int) -> int:
+        return step - self.first_step
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclasses.dataclass
+class Schedule:
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+
+def plan_schedule(cfg, num_processes: int, num_samples: int) -> Schedule:
+    """Turn batch sizes, epochs and the data size into accumulation steps, step counts and the lr."""
+    t = cfg.train
+    per_step = t.micro_batch_size * num_processes
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
+            f"x {num_processes} processes = {per_step}; change either so that it is")
+    steps_per_epoch = max(1, num_samples // t.batch_size)
+    total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
+    return Schedule(grad_accum=t.batch_size // per_step, steps_per_epoch=steps_per_epoch, total_steps=total,
+                    warmup_steps=min(warmup, total - 1), lr=cfg.optim.base_lr * t.batch_size / 256)
+
+
+def cosine_schedule(optimizer, plan: Schedule, min_lr: float) -> CosineLRScheduler:
+    """Linear warm-up from 0, then cosine to min_lr, stepped every optimizer step. timm's scheduler
+    multiplies each parameter group's `lr_scale` in (layer-wise lr decay)."""
+    return CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps, warmup_t=plan.warmup_steps,
+                             warmup_prefix=True, warmup_lr_init=0.0, lr_min=min_lr, t_in_epochs=False)
+
+
+def effective_precision(accelerator) -> str:
+    """What the matmuls really run in: accelerate runs fp32 when fp16 is asked for on a CPU."""
+    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
+        return "no"
+    return accelerator.mixed_precision
+
+
+def set_cpu_threads(cfg, device: torch.device) -> None:
+    """Use this machine's cores on a CPU run. `accelerate launch` sets OMP_NUM_THREADS=1 unless given
+    --cpu, which halved the quickstart's speed on a 2-core machine (README, "Performance").
+    `cfg.train.cpu_threads` (training runs) or `cfg.cpu_threads` (evaluation configs) overrides."""
+    if device.type == "cpu":
+        threads = cfg.train.cpu_threads if hasattr(cfg, "train") else getattr(cfg, "cpu_threads", None)
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // processes_here))
+
+
+def cpu_ddp() -> bool:
+    """Launched as several processes on a machine without GPUs: accelerate sets up gloo DDP only if told cpu=True."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def precision_note(accelerator, asked: str, key: str = "train.mixed_precision") -> str | None:
+    """A line saying that the precision asked for is not what runs, or None."""
+    if effective_precision(accelerator) != asked:
+        return (f"note: {key}={asked} is not available on {accelerator.device.type}; running fp32 "
+                f"(on CPUs, bf16 is the mixed precision)")
+    return None
+
+
+def fused_attn(cfg, device: torch.device) -> bool:
+    """train.fused_attn, or its default: torch's fused kernel on GPUs, explicit matmuls on CPUs (faster there)."""
+    return cfg.train.fused_attn if cfg.train.fused_attn is not None else device.type != "cpu"
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resumable(checkpoint: Path, settings: dict) -> None:
+    """A checkpoint of another model shape cannot continue this run: say so before loading it.
+    `settings`: dotted config keys that shape what is saved -> this run's values."""
+    import yaml
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diff = {k: (_lookup(saved, k), v) for k, v in settings.items() if _lookup(saved, k) != v}
+    if diff:
+        raise ConfigError(f"cannot resume from {checkpoint}: its model differs from this run's "
+                          + ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items()))
+
+
+def model_settings(cfg) -> dict:
+    """Every model.* key: the default `settings` for check_resumable."""
+    return {f"model.{k}": v for k, v in to_dict(cfg.model).items()}
+
+
+@dataclasses.dataclass
+class Periodic:
+    """Work the loop does every `every` steps (0: never) and, if `at_end`, after the last step: evaluation,
+    images, online kNN. `fn(step)` runs on every process (it may use collectives) and returns metrics to
+    record at that step, or None."""
+    every: int
+    fn: Callable[[int], dict | None]
+    at_end: bool = True
+
+    def due(self, step: int, last: bool) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
+
+
+def train_step(accelerator, model, optimizer, micro_batches: Iterable, grad_clip: float | None,
+               stop_signal: torch.Tensor, loss_fn: Callable):
+    """Forward and backward over the micro-batches (gradients synced after the last only), then one
+    update, skipped if the loss is not finite on any process. `loss_fn(model, micro_batch)` -> loss.
+
+    Returns (mean loss over processes, whether any process asked to stop, grad norm if clipped).
+    """
+    step_loss, count = torch.zeros((), device=accelerator.device), 0
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            loss = loss_fn(model, batch)
+            accelerator.backward(loss)
+        step_loss, count = step_loss + loss.detach(), count + 1
+    # One collective a step: the mean loss (non-finite if it is anywhere) and the stop requests.
+    loss_value, stop = accelerator.reduce(torch.stack([step_loss / count, stop_signal]), "mean").tolist()
+    grad_norm = None
+    if math.isfinite(loss_value):
+        if grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, stop > 0, grad_norm
+
+
+class Trainer:
+    """One training run: processes, resume rules, accelerator and output folder, then the step loop.
+    A context manager: leaving it closes the log and ends the accelerator's trackers and process group."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.cpu_ddp = cpu_ddp()
+        self.state = PartialState(cpu=self.cpu_ddp)
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint: Path | None = None
+        self.accelerator: Accelerator | None = None
+        self.log: RunLog | None = None
+        self._checked = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+
+    @property
+    def process_index(self) -> int:
+        return self.state.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.state.num_processes
+
+    def check_resume(self, settings: dict | None = None) -> Path | None:
+        """The resume rules, checked before anything is written: resume=null refuses a folder that holds
+        checkpoints; resume=auto/PATH picks the checkpoint, whose model must match `settings`
+        (default: every model.* key). Returns the checkpoint to resume from, or None."""
+        existing = list_checkpoints(self.output_dir)
+        if self.cfg.resume is None and existing:
+            raise ConfigError(f"{self.output_dir} already holds a run's checkpoints (newest: {existing[-1].name});"
+                              " continue it with resume=auto, or start afresh in another output_dir")
+        self.checkpoint = resolve_resume(self.cfg.resume, self.output_dir)
+        if self.checkpoint is not None:
+            check_resumable(self.checkpoint, model_settings(self.cfg) if settings is None else settings)
+        self._checked = True
+        return self.checkpoint
+
+    def open(self, plan: Schedule) -> Accelerator:
+        """The accelerator (DDP, precision, accumulation, trackers), seeded RNGs and CPU threads; writes
+        output_dir/config.yaml."""
+        if not self._checked:
+            self.check_resume()
+        cfg = self.cfg
+        self.accelerator = accelerator = Accelerator(
+            cpu=self.cpu_ddp, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
+            log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(self.output_dir),
+            dynamo_backend="inductor" if cfg.train.compile else None,
+        )
+        set_seed(cfg.seed, device_specific=True)
+        set_cpu_threads(cfg, accelerator.device)
+        note = precision_note(accelerator, cfg.train.mixed_precision)
+        if note:
+            accelerator.print(note)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        accelerator.init_trackers("tensorboard")
+        return accelerator
+
+    def restore(self, scheduler, plan: Schedule, *objects) -> RunState:
+        """Register the run's position and `objects` (the loader, an EMA ...) for checkpointing, and load the
+        checkpoint chosen by check_resume, if any."""
+        accelerator, run = self.accelerator, RunState(scheduler)
+        accelerator.register_for_checkpointing(run, *objects)
+        if self.checkpoint is not None:
+            accelerator.load_state(str(self.checkpoint))
+            accelerator.print(f"resumed from {self.checkpoint} at step {run.step}"
+                              + (f": the run is complete ({plan.total_steps} steps)"
+                                 if run.step >= plan.total_steps else ""))
+            if run.saved_lr_schedule != scheduler.state_dict():
+                accelerator.print("note: the lr schedule differs from the checkpoint's (train.steps, epochs or optim "
+                                  "changed); following this run's config from the resumed step")
+        return run
+
+    def fit(self, run: RunState, model, optimizer, scheduler, loader, plan: Schedule, batches: Iterator,
+            loss_fn: Callable, *, summary: str = "", periodic: list[Periodic] = (),
+            on_update: Callable[[int], None] | None = None) -> bool:
+        """The step loop, from run.step to plan.total_steps. Every step: the lr, `loss_fn(model, next(batches))`
+        and its backward for each micro-batch, one update (skipped when the loss is not finite anywhere), then
+        `on_update(step)` after an applied update (EMA). Metrics every log.every steps; `periodic` work when
+        due; a checkpoint every checkpoint.every steps, at the end and on a stop signal, never during a
+        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. Returns whether the run
+        is complete."""
+        cfg, accelerator = self.cfg, self.accelerator
+        raw_model = accelerator.unwrap_model(model)
+        flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans,
+                                                accelerator.device)
+        peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)
+
+        stop_signal = torch.zeros((), device=accelerator.device)
+
+        def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
+            stop_signal.fill_(1.0)
+        previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        start_step = run.step
+        self.log = log = RunLog(accelerator, self.output_dir, plan.total_steps, start_step)
+        log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
+                  f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
+                  f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image"
+                  + (f"; {summary}" if summary else ""))
+        try:
+            bad_in_row, window = 0, Window(start_step)
+            model.train()
+            while run.step < plan.total_steps:
+                scheduler.step_update(run.step)
+                micro_batches = (next(batches) for _ in range(plan.grad_accum))
+                loss_value, stop, grad_norm = train_step(accelerator, model, optimizer, micro_batches,
+                                                         cfg.train.grad_clip, stop_signal, loss_fn)
+                if math.isfinite(loss_value):
+                    bad_in_row = 0
+                else:
+                    bad_in_row, run.bad_steps = bad_in_row + 1, run.bad_steps + 1
+                run.step += 1
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise NonFiniteLoss(
+                        f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped "
+                        f"without saving, so the newest checkpoint in {self.output_dir} is the last good one. Lower "
+                        f"optim.base_lr, set train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, "
+                        f"then resume=auto.")
+                if bad_in_row == 0 and on_update is not None:
+                    on_update(run.step)
+
+                lr = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the others down
+                log.update(loss=loss_value, lr=lr)
+                window.add(loss_value)
+                last = run.step == plan.total_steps
+                if run.step % cfg.log.every == 0 or last:
+                    # Corrupt samples the loader skipped (and replaced), summed over processes.
+                    skipped = accelerator.reduce(torch.tensor(float(loader.totals["bad"] - run.reported_bad),
+                                                              device=accelerator.device), "sum").item()
+                    run.reported_bad, run.bad_samples = loader.totals["bad"], run.bad_samples + int(skipped)
+                    images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
+                    metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
+                               "img_per_s": images_per_s, "bad_steps": run.bad_steps,
+                               "bad_samples": run.bad_samples}
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = grad_norm
+                    if peak:
+                        metrics["mfu"] = images_per_s * flops_per_image / (peak * accelerator.num_processes)
+                    log.record(run.step, metrics)
+                    window = Window(run.step)
+                # Periodic work (evaluation, images); its time is kept out of img/s, a training figure.
+                due = [p for p in periodic if p.due(run.step, last)]
+                if due:
+                    began = time.perf_counter()
+                    for work in due:
+                        extra = work.fn(run.step)
+                        if extra:
+                            log.record(run.step, extra)
+                    model.train()
+                    window.start += time.perf_counter() - began
+                # Weights that gave a non-finite loss must not push good checkpoints out.
+                if bad_in_row == 0 and (run.step % cfg.checkpoint.every == 0 or last or stop):
+                    save_checkpoint(accelerator, self.output_dir, run.step, cfg.checkpoint.keep, config=to_dict(cfg))
+                if stop:
+                    log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
+                    break
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        return run.step >= plan.total_steps
+
+
+def main(train: Callable, schema: type, doc: str, argv: list[str] | None = None) -> int:
+    """A stage's command line: `RECIPE [key=value ...]` -> train(cfg, recipe=RECIPE). Errors the user can fix
+    (config, missing files, bad data, a diverged run) print one line and exit 2 (config) or 1."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(doc)
+        return 0 if args else 2
+    try:
+        cfg = load_config(schema, args[0], args[1:])
+        train(cfg, recipe=args[0])
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, OSError, ValueError) as err:  # ValueError: bad data specs
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    return 0

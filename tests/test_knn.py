@@ -181,3 +181,17 @@ def test_online_knn_restores_modes_and_counts_every_sample(shards):
     assert online.num_classes == 10 and online.counts == {"bank": 64, "eval": 24}
     assert (result["knn_top1"] * 24).is_integer()
     assert not any(p.grad is not None for p in mae.parameters())
+
+
+def test_pretraining_logs_online_knn_every_n_steps_and_at_the_end(shards, tmp_path):
+    from conftest import quick_config, run_train
+    cfg = quick_config(tmp_path, "train.steps=3", "log.every=1", "knn.every=2", f"knn.data.train={shards}",
+                       "knn.data.num_workers=0", "knn.data.batch_size=16", "knn.data.crop_pct=1.0")
+    run_train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 3]  # every 2 steps, and after the last
+    for r in knn:  # fractions of the 24 val samples
+        assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 1
+        assert round(r["knn_top1"] * 24, 6) == int(round(r["knn_top1"] * 24))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from mpp.config import ConfigError, EvalConfig, load_config, to_dict
+from mpp import engine
+from mpp.config import ConfigError, EvalConfig, to_dict
 from mpp.data import normalizer
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
                           precision_note, require_ckpt, require_data, write_json)
@@ -144,18 +145,7 @@ def run_knn(cfg: EvalConfig, recipe: str = "RECIPE") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
-    try:
-        cfg = load_config(EvalConfig, args[0], args[1:])
-        run_knn(cfg, recipe=args[0])
-    except (ConfigError, FileNotFoundError, OSError, ValueError) as err:  # ValueError: bad data specs, weights
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
-    return 0
-
+    return engine.main(run_knn, EvalConfig, __doc__, argv)  # one line per user error, exit 2 for config ones
 
 if __name__ == "__main__":
     sys.exit(main())

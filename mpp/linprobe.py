@@ -36,7 +36,8 @@ from accelerate.utils import set_seed
 from timm.optim import Lars, create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from mpp.config import ConfigError, EvalConfig, ProbeConfig, load_config, to_dict
+from mpp import engine
+from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
@@ -202,18 +203,7 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
-    try:
-        cfg = load_config(EvalConfig, args[0], args[1:])
-        run_probe(cfg, recipe=args[0])
-    except (ConfigError, FileNotFoundError, OSError, ValueError) as err:  # ValueError: bad data specs, weights
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
-    return 0
-
+    return engine.main(run_probe, EvalConfig, __doc__, argv)  # one line per user error, exit 2 for config ones
 
 if __name__ == "__main__":
     sys.exit(main())

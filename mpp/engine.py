@@ -139,7 +139,7 @@ def cpu_ddp() -> bool:
 def precision_note(accelerator, asked: str, key: str = "train.mixed_precision") -> str | None:
     """A line saying that the precision asked for is not what runs, or None."""
     if effective_precision(accelerator) != asked:
-        return (f"note: {key}={asked} is not available on {accelerator.device.type}; running fp32 "
+        return (f"{key}={asked} is not available on {accelerator.device.type}; running fp32 "
                 f"(on CPUs, bf16 is the mixed precision)")
     return None
 
@@ -271,7 +271,7 @@ class Trainer:
         set_cpu_threads(cfg, accelerator.device)
         note = precision_note(accelerator, cfg.train.mixed_precision)
         if note:
-            accelerator.print(note)
+            accelerator.print(f"note: {note}")
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")

@@ -19,6 +19,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
 from mpp.config import ConfigError, to_dict
+from mpp.engine import cpu_ddp, effective_precision, set_cpu_threads
 from mpp.data import ShardLoader
 from mpp.data.loader import EpochPlan, split_batches
 from mpp.models import build_model
@@ -39,35 +40,13 @@ def require_ckpt(ckpt, script: str, recipe: str = "RECIPE") -> None:
                           f"  accelerate launch mpp/{script} {recipe} ckpt=runs/quickstart")
 
 
-def eval_accelerator(mixed_precision: str, cpu_threads: int | None = None) -> Accelerator:
-    """The accelerator of an evaluation script: gloo DDP when launched as several CPU processes
-    (accelerate needs cpu=True for that), and this process's share of the cores on a CPU."""
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    PartialState(cpu=cpu_ddp)
-    accelerator = Accelerator(cpu=cpu_ddp, mixed_precision=mixed_precision)
-    set_threads(cpu_threads, accelerator.device)
+def eval_accelerator(cfg) -> Accelerator:
+    """The accelerator of an evaluation script: gloo DDP when launched as several CPU processes, and this
+    process's share of the cores on a CPU (the training jobs' rules, mpp/engine.py)."""
+    PartialState(cpu=cpu_ddp())
+    accelerator = Accelerator(cpu=cpu_ddp(), mixed_precision=cfg.mixed_precision)
+    set_cpu_threads(cfg, accelerator.device)  # cfg.cpu_threads
     return accelerator
-
-
-def precision_note(accelerator, asked: str) -> str | None:
-    """What the encoder really runs in, if not what was asked: accelerate runs fp32 for fp16 on a CPU."""
-    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
-        return (f"mixed_precision={asked} is not available on {accelerator.device.type}; running fp32 "
-                f"(on CPUs, bf16 is the mixed precision)")
-    return None
-
-
-def effective_precision(accelerator) -> str:
-    return "no" if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp \
-        else accelerator.mixed_precision
-
-
-def set_threads(cpu_threads: int | None, device: torch.device) -> None:
-    """pretrain.set_cpu_threads' rule for configs with a top-level cpu_threads: `accelerate launch`
-    sets OMP_NUM_THREADS=1, which leaves cores idle on a CPU machine."""
-    if device.type == "cpu":
-        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // processes_here))
 
 
 def build_encoder(model_cfg, ckpt) -> tuple[torch.nn.Module, list[str]]:
@@ -223,11 +202,8 @@ def _weights_stamp(ckpt) -> dict:
     """What identifies the weights a ckpt stands for: the resolved weights file, its size and mtime."""
     if ckpt is None or is_random_init(ckpt):
         return {"ckpt": "none"}
-    from mpp.weights import WEIGHT_FILES, _checkpoint_folder
-    path = Path(ckpt)
-    if path.is_dir():
-        folder = _checkpoint_folder(path)
-        path = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
+    from mpp.weights import weights_file
+    path = weights_file(ckpt)
     stat = path.stat()
     return {"ckpt": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 

@@ -29,7 +29,7 @@ from mpp import engine
 from mpp.config import ConfigError, EvalConfig, to_dict
 from mpp.data import normalizer
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          precision_note, require_ckpt, require_data, write_json)
+                          require_ckpt, require_data, write_json)
 
 SIMILARITY_BUDGET = 2**27  # similarity entries per chunk of queries (512 MB of float32)
 
@@ -115,9 +115,9 @@ def run_knn(cfg: EvalConfig, recipe: str = "RECIPE") -> dict:
     """The kNN evaluation of an EvalConfig; writes output_dir/knn.json (main process) and returns its dict."""
     require_ckpt(cfg.ckpt, "knn.py", recipe)
     require_data(cfg.data, "knn.py", recipe)
-    accelerator = eval_accelerator(cfg.mixed_precision, cfg.cpu_threads)
+    accelerator = eval_accelerator(cfg)
     start = time.perf_counter()
-    notes = [n for n in [precision_note(accelerator, cfg.mixed_precision)] if n]
+    notes = [n for n in [engine.precision_note(accelerator, cfg.mixed_precision, "mixed_precision")] if n]
     set_seed(cfg.seed)  # the same random-init encoder on every process
     vit, load_notes = build_encoder(cfg.model, cfg.ckpt)
     notes += load_notes

@@ -41,7 +41,7 @@ from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          precision_note, require_ckpt, require_data, write_json)
+                          require_ckpt, require_data, write_json)
 from mpp.knn import knn_accuracy, topk_accuracy
 from mpp.runlog import RunLog
 
@@ -114,9 +114,9 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     probe = cfg.probe
     if probe.epochs < 1 or probe.batch_size < 1:
         raise ConfigError(f"probe.epochs={probe.epochs} and probe.batch_size={probe.batch_size} must be at least 1")
-    accelerator = eval_accelerator(cfg.mixed_precision, cfg.cpu_threads)
+    accelerator = eval_accelerator(cfg)
     device, start = accelerator.device, time.perf_counter()
-    notes = [n for n in [precision_note(accelerator, cfg.mixed_precision)] if n]
+    notes = [n for n in [engine.precision_note(accelerator, cfg.mixed_precision, "mixed_precision")] if n]
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
     out, recipe, overrides = Path(argv[0]), argv[1], argv[2:]
     cfg = load_config(EvalConfig, recipe, overrides)
-    accelerator = eval_accelerator(cfg.mixed_precision, cfg.cpu_threads)
+    accelerator = eval_accelerator(cfg)
     record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes}
 
     set_seed(cfg.seed)  # ckpt=none: the same random encoder in every process and run

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageOps
 
+from data_tools.jpeg import jpeg_size
+
 # PIL format -> the sample field (file extension) it is stored under. MPO is how PIL names a
 # camera JPEG that carries extra frames; its first frame is an ordinary JPEG.
 FIELD_OF_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
@@ -84,6 +86,9 @@ def damage(error):
     return "truncated" if "truncated" in str(error).lower() else "corrupt"
 
 
+JPEG_CUT_SHORT = "the JPEG has no end-of-image marker: the file is cut short"
+
+
 def check_complete(image, data):
     """Catch a truncated file without decoding it, for --no-reencode.
 
@@ -97,11 +102,30 @@ def check_complete(image, data):
         if image.format == "PNG":
             image.verify()
         elif image.format in ("JPEG", "MPO") and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
-            raise Rejected("truncated", "the JPEG has no end-of-image marker: the file is cut short")
+            raise Rejected("truncated", JPEG_CUT_SHORT)
     except Rejected:
         raise
     except Exception as error:
         raise Rejected("truncated", f"{type(error).__name__}: {error}") from None
+
+
+def checked_copy(data):
+    """--no-reencode: the original bytes, once the header and the end of the file are checked. A JPEG's
+    size comes from its frame header (data_tools.jpeg): PIL's Image.open took a quarter of the time
+    of copying imagewoof320, against a target of twice `tar -cf`'s time; other formats go to PIL."""
+    size = jpeg_size(data)
+    if size is None:
+        image = open_image(data)
+        check_complete(image, data)
+        return Prepared(FIELD_OF_FORMAT[image.format], data, *image.size)
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS  # what PIL's open refuses under pixel_limit; None: no limit
+    if limit and width * height > limit:
+        raise Rejected("decompression bomb", f"{width}x{height} = {width * height:,} pixels "
+                                             f"(--max-pixels is {limit:,})")
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
+        raise Rejected("truncated", JPEG_CUT_SHORT)
+    return Prepared("jpg", data, width, height)
 
 
 def prepare(data, encoding):
@@ -109,12 +133,11 @@ def prepare(data, encoding):
     --format keep: the original bytes after a full decode, unless the image is shrunk to
     --resize-short-side or EXIF-rotated, then re-encoded in its own format. --format jpg/png/webp:
     every image decoded, shrunk if asked, turned upright and re-encoded in that format."""
+    if not encoding.reencode:
+        return checked_copy(data)
     image = open_image(data)
     width, height = image.size
     field = FIELD_OF_FORMAT[image.format]
-    if not encoding.reencode:
-        check_complete(image, data)
-        return Prepared(field, data, width, height)
 
     short_side = encoding.resize_short_side
     try:

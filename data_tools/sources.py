@@ -174,7 +174,23 @@ def list_tar(archive_path):
 
 
 def tar_source(archive_path):
-    members = []  # (path, size, absolute offset of the data, mtime)
+    try:
+        members, ignored = header_listing(archive_path)
+    except UnusualTar:
+        members, ignored = tarfile_listing(archive_path)
+    members.sort()
+    class_names = classes_from_folders([path for path, *_ in members], archive_path)
+    candidates = [
+        Candidate(path, name, size, (offset, size))
+        for (path, size, offset, _), name in zip(members, class_names)
+    ]
+    fingerprint = digest(f"{path}\t{size}\t{offset}\t{mtime}" for path, size, offset, mtime in members)
+    return Source("tar", archive_path, candidates, sorted_classes(class_names), fingerprint, ignored)
+
+
+def tarfile_listing(archive_path):
+    """([(path, size, absolute offset of the data, mtime)], ignored count) through tarfile: any tar it reads."""
+    members = []
     ignored = 0
     with tarfile.open(archive_path, "r:") as archive:
         for member in archive:
@@ -194,14 +210,82 @@ def tar_source(archive_path):
                 members.append((path, member.size, member.offset_data, member.mtime))
             else:
                 ignored += 1
-    members.sort()
-    class_names = classes_from_folders([path for path, *_ in members], archive_path)
-    candidates = [
-        Candidate(path, name, size, (offset, size))
-        for (path, size, offset, _), name in zip(members, class_names)
-    ]
-    fingerprint = digest(f"{path}\t{size}\t{offset}\t{mtime}" for path, size, offset, mtime in members)
-    return Source("tar", archive_path, candidates, sorted_classes(class_names), fingerprint, ignored)
+    return members, ignored
+
+
+class UnusualTar(Exception):
+    """A tar header that header_listing leaves to tarfile: pax or GNU long-name headers, sparse
+    files, base-256 numbers, a bad checksum."""
+
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+FILE_TYPES = {b"0": True, b"\0": True, b"7": True, b"1": False, b"2": False, b"3": False, b"4": False,
+              b"5": False, b"6": False}  # ustar type flag -> a regular file? (folders, "5", become None)
+
+
+def header_listing(archive_path):
+    """tarfile_listing's result read straight from the 512-byte ustar headers, for plain archives.
+
+    tarfile builds a TarInfo with every field decoded for each member: 52 ms for imagewoof320's
+    2,400 members against 13 ms here, where all of --no-reencode should take at most twice `tar -cf`'s
+    77 ms (this project's CPU). Names, sizes, types and mtimes are all a listing needs; anything
+    unusual raises UnusualTar, and tarfile reads the archive instead.
+    """
+    members = []
+    ignored = 0
+    fd = os.open(archive_path, os.O_RDONLY)
+    try:
+        for path, is_file, size, offset, mtime in plain_headers(fd, 0):
+            if not is_file or is_hidden(path):
+                ignored += is_file is not None
+            elif path.lower().endswith(".tar"):
+                for inner_path, inner_is_file, inner_size, inner_offset, inner_mtime in \
+                        plain_headers(fd, offset, offset + size):
+                    if inner_is_file and is_image_name(inner_path) and not is_hidden(inner_path):
+                        members.append((f"{path[:-4]}/{inner_path}", inner_size, inner_offset, inner_mtime))
+                    else:
+                        ignored += inner_is_file is not None
+            elif is_image_name(path):
+                members.append((path, size, offset, mtime))
+            else:
+                ignored += 1
+    finally:
+        os.close(fd)
+    return members, ignored
+
+
+def plain_headers(fd, start, end=None):
+    """(path, is_file, size, data offset, mtime) of each member of the plain tar at `start` in the
+    file, up to `end` (an inner tar's own end); is_file is None for a folder, False for links and devices."""
+    offset = start
+    while end is None or offset + BLOCK <= end:
+        header = os.pread(fd, BLOCK, offset)
+        if len(header) < BLOCK:
+            raise UnusualTar  # cut short: tarfile says how
+        if header == ZERO_BLOCK:
+            return
+        try:
+            checksum = int(header[148:156].strip(b" \0") or b"0", 8)
+            size = int(header[124:136].strip(b" \0") or b"0", 8)
+            mtime = int(header[136:148].strip(b" \0") or b"0", 8)
+        except ValueError:
+            raise UnusualTar from None  # base-256 numbers or a damaged header
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise UnusualTar
+        is_file = FILE_TYPES.get(header[156:157])
+        if is_file is None:
+            raise UnusualTar  # pax, GNU long name, sparse, ...
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0":  # POSIX ustar: long paths are split into prefix/name
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        if header[156:157] == b"5" or (is_file and name.endswith(b"/")):
+            is_file = None
+        path = member_path(name.decode("utf-8", "surrogateescape"))
+        yield path, is_file, size, offset + BLOCK, mtime
+        offset += BLOCK + -(-size // BLOCK) * BLOCK
 
 
 def classes_from_folders(paths, src):

@@ -14,6 +14,7 @@ from data_tools.tarwriter import ShardTarWriter
 # Every tar header field is pinned (mtime above all), so the same samples give the same bytes.
 TAR_HEADER = {"user": "mpp", "group": "mpp", "mode": 0o444, "mtime": 0}
 GZIP_LEVEL = 9  # shards are written once and read every epoch
+WRITE_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,37 @@ def write_json_atomically(path, content):
     os.replace(temp, path)
 
 
+class HashingFile:
+    """A file being written that hashes its bytes on the way: the shard's sha256 without reading the
+    shard back (the read was 0.02 s of the 0.29 s --no-reencode took on imagewoof320; hashing on a
+    thread of its own instead made it slower: 0.27 s against 0.16 s, the hand-offs cost more than
+    the hashing)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def flush(self):
+        self.raw.flush()
+
+
 @contextlib.contextmanager
 def open_output(path):
-    """The shard's raw file, gzip-wrapped for .gz names. The gzip header's mtime and file name are
-    pinned, as tarfile's own gzip mode writes the current time into it."""
-    with open(path, "wb") as raw:
+    """(stream to write the shard to, the HashingFile under it): the shard's file, gzip-wrapped for .gz
+    names. The gzip header's mtime and file name are pinned, as tarfile's own gzip mode writes the
+    current time into it."""
+    # 1 MiB writes: with the default 8 KiB buffer each ~25 KB sample was its own write() call, and
+    # writing imagewoof320's 61 MB took 36 ms instead of 19 (ext4, this project's machine).
+    with open(path, "wb", buffering=WRITE_BUFFER) as raw:
+        hashing = HashingFile(raw)
         if path.name.endswith(".gz.tmp"):
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=GZIP_LEVEL) as stream:
-                yield stream
+            with gzip.GzipFile(fileobj=hashing, mode="wb", mtime=0, filename="", compresslevel=GZIP_LEVEL) as stream:
+                yield stream, hashing
         else:
-            yield raw
+            yield hashing, hashing
 
 
 def write_shard(job, plan, report=lambda count: None):
@@ -56,7 +78,7 @@ def write_shard(job, plan, report=lambda count: None):
     rejected = []
     num_samples = 0
     try:
-        with pixel_limit(job.max_pixels), open_output(temp_path(path)) as stream, \
+        with pixel_limit(job.max_pixels), open_output(temp_path(path)) as (stream, hashing), \
                 ShardTarWriter(stream, **TAR_HEADER) as writer:
             for sample in plan.samples:
                 try:
@@ -74,13 +96,11 @@ def write_shard(job, plan, report=lambda count: None):
     finally:
         job.reader.close()  # a worker receives a fresh copy of the reader with every shard
     os.replace(temp_path(path), path)
-    with open(path, "rb") as file:
-        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
     record = {
         "name": plan.name,
         "num_samples": num_samples,
         "bytes": path.stat().st_size,
-        "sha256": sha256,
+        "sha256": hashing.sha256.hexdigest(),
         "rejected": rejected,
     }
     write_json_atomically(job.state_dir / f"{plan.name}.json", record)

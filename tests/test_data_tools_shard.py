@@ -21,6 +21,7 @@ import pytest
 import webdataset
 from PIL import Image
 
+from data_tools import sources
 from data_tools.shard import ShardError, ShardOptions, main, shard
 from data_tools.tarwriter import ShardTarWriter
 from data_tools.verify import verify
@@ -152,6 +153,35 @@ def test_extensions_of_any_case_and_nested_folders_under_a_class(tmp_path):
     assert "png" in by_source["truck/as_png.PNG"] and "webp" in by_source["truck/as_webp.WebP"]
 
 
+def test_tar_headers_are_listed_as_tarfile_lists_them(tmp_path):
+    """The fast header walk gives tarfile's listing on plain archives (GNU and POSIX headers, folders,
+    links, hidden files, class tars inside) and hands pax / long-name archives to tarfile."""
+    tree = make_tree(tmp_path / "tree", 3)
+    (tree / ".hidden.jpg").write_bytes(b"x")
+    (tree / "notes.txt").write_text("not an image")
+    (tree / "cat" / "link.jpg").symlink_to("cat_000.jpg")
+    inner = tmp_path / "truck.tar"
+    with tarfile.open(inner, "w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.add(tree / "truck", arcname="truck")
+    archives = {}
+    for name, fmt in [("gnu", tarfile.GNU_FORMAT), ("ustar", tarfile.USTAR_FORMAT), ("pax", tarfile.PAX_FORMAT)]:
+        archives[name] = tmp_path / f"{name}.tar"
+        with tarfile.open(archives[name], "w", format=fmt) as archive:
+            archive.add(tree, arcname="train")
+            archive.add(inner, arcname="train/more/truck.tar")
+            if name == "pax":  # a name over ustar's 100 bytes: pax header
+                archive.add(tree / "cat" / "cat_001.jpg", arcname="train/cat/" + "x" * 120 + ".jpg")
+    for name in ("gnu", "ustar"):
+        listing = sources.header_listing(archives[name])
+        assert listing == sources.tarfile_listing(archives[name])
+        paths = sorted(path for path, *_ in listing[0])
+        assert len(paths) == 12 and "train/more/truck/truck/truck_000.jpg" in paths
+        assert listing[1] == 3  # the hidden file, the text file and the link
+    with pytest.raises(sources.UnusualTar):
+        sources.header_listing(archives["pax"])
+    assert len(sources.open_source(archives["pax"]).candidates) == 13
+
+
 def test_tar_of_class_tars_reads_like_class_folders(tmp_path):
     """ImageNet's train archive holds one tar per class; each reads as a class folder."""
     tree = make_tree(tmp_path / "tree", 4)
@@ -254,6 +284,12 @@ def png_claiming(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
 
 
+def jpeg_claiming(jpeg, width, height):
+    """`jpeg` with its frame header changed to claim width x height pixels."""
+    sof = next(i for i in range(2, len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] in (0xC0, 0xC2))
+    return jpeg[:sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9:]
+
+
 @pytest.mark.parametrize("copy", [False, True], ids=["decoded", "no-reencode"])
 def test_bad_files_are_rejected_and_listed_while_the_rest_is_written(tmp_path, copy):
     tree = make_tree(tmp_path / "tree", 6)
@@ -262,6 +298,7 @@ def test_bad_files_are_rejected_and_listed_while_the_rest_is_written(tmp_path, c
     (tree / "cat" / "empty.jpg").write_bytes(b"")
     (tree / "truck" / "text.jpg").write_text("this is not a picture\n")
     (tree / "truck" / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (tree / "truck" / "bomb.jpg").write_bytes(jpeg_claiming(good, 60_000, 60_000))
     out = tmp_path / "out"
     logged = []
     manifest = shard(tree, out, ShardOptions(reencode=not copy, shard_size=7), workers=2,
@@ -270,11 +307,12 @@ def test_bad_files_are_rejected_and_listed_while_the_rest_is_written(tmp_path, c
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert sorted((r["source"], r["reason"]) for r in rejected) == [
         ("cat/empty.jpg", "empty file"), ("cat/truncated.jpg", "truncated"),
-        ("truck/bomb.png", "decompression bomb"), ("truck/text.jpg", "not an image")]
+        ("truck/bomb.jpg", "decompression bomb"), ("truck/bomb.png", "decompression bomb"),
+        ("truck/text.jpg", "not an image")]
     assert all(r["split"] == "train" and r["shard"].startswith("train-") and r["detail"] for r in rejected)
     split = manifest["splits"]["train"]
-    assert split["num_samples"] == 18 and split["num_rejected"] == 4 and split["class_counts"] == [6, 6, 6]
-    assert "rejected 4 files" in logged[0] and "rejected.jsonl" in logged[0]
+    assert split["num_samples"] == 18 and split["num_rejected"] == 5 and split["class_counts"] == [6, 6, 6]
+    assert "rejected 5 files" in logged[0] and "rejected.jsonl" in logged[0]
     assert verify(out, workers=1, **quiet) == 0
 
 

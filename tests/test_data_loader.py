@@ -188,6 +188,28 @@ def test_order_is_a_pure_function_of_seed_epoch_rank_world_workers(two_shards):
     assert epoch_keys(ld) == first and epoch_keys(ld) == second
 
 
+def test_reused_worker_buffers_give_the_batches_of_fresh_ones(two_shards, monkeypatch):
+    """Workers fill reused shared-memory buffers (mpp/data/ring.py): every batch handed out must stay
+    what it was when later batches reuse its buffer, and equal the batches of fresh buffers."""
+    import time
+
+    from mpp.data import loader as loader_module
+
+    held = [(b["key"], b["image"]) for b in loader(two_shards, num_workers=2, batch_size=16)]
+    assert len(held) == 2000 // 16  # 62 batches through 2 x 3 buffers: each reused ~20 times
+    monkeypatch.setattr(loader_module, "BatchRing", lambda *args: None)
+    fresh = [(b["key"], b["image"]) for b in loader(two_shards, num_workers=2, batch_size=16)]
+    assert [k for k, _ in held] == [k for k, _ in fresh]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(held, fresh))
+    assert len({img.data_ptr() for _, img in held}) == len(held)  # copies, not views of the buffers
+    monkeypatch.undo()
+    stream = iter(loader(two_shards, num_workers=2, batch_size=16))
+    next(stream)
+    started = time.perf_counter()
+    stream.close()  # workers waiting for a buffer are woken, not left to the DataLoader's 5 s timeout
+    assert time.perf_counter() - started < 4
+
+
 def test_epoch_covers_disjoint_samples_on_simulated_ranks():
     per_rank = [flat(epoch_keys(loader(rank=r, world_size=3, num_workers=2, batch_size=48))) for r in range(3)]
     n = TRAIN_KEYS // (3 * 48)

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import MODES, build_transform, image_bytes
+from .ring import BatchRing
 from .shards import SliceStats, count_samples, estimate_counts, read_slice, resolve_shards
 
 log = logging.getLogger("mpp.data")
@@ -196,9 +197,11 @@ class _GlobalRNG:
 class EpochDataset(IterableDataset):
     """One epoch of one rank, from batch `start_batch` on; each DataLoader worker plays one planned worker."""
 
-    def __init__(self, plan: EpochPlan, transform, *, seed: int, start_batch: int, shuffle_buffer: int):
+    def __init__(self, plan: EpochPlan, transform, *, seed: int, start_batch: int, shuffle_buffer: int,
+                 ring: BatchRing | None = None):
         self.plan, self.transform, self.seed = plan, transform, seed
         self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+        self.ring = ring  # the DataLoader workers' batch buffers (see ring.py); None: fresh ones per batch
 
     def __iter__(self):
         plan, K, B = self.plan, self.plan.workers, self.plan.batch_size
@@ -233,7 +236,12 @@ class EpochDataset(IterableDataset):
         shared = info is not None  # a worker's batches go to the main process through shared memory
         for j in range(done, wplan.batches):
             chunk = list(itertools.islice(raw, B))
-            images = self._new_batch(B, shared)
+            slot = None
+            if self.ring is not None and info is not None:
+                slot, buffer = self.ring.take(info.id)
+                images = self._layout(buffer)
+            else:
+                images = self._new_batch(B, shared)
             goods, corrupt = self._decode(chunk, rng, global_rng, images)
             missing, reported_missing = stats.missing - reported_missing, stats.missing
             n, repeated = len(goods), 0
@@ -251,11 +259,23 @@ class EpochDataset(IterableDataset):
                 images[n:].zero_()
             if chunk:
                 pool_chunk = chunk
-            yield self._collate(goods, images, worker, j, corrupt + missing, repeated)
+            batch = self._collate(goods, images, worker, j, corrupt + missing, repeated)
+            if slot is not None:
+                batch["_slot"] = (info.id, slot)
+            yield batch
+
+    def buffer_spec(self) -> tuple[tuple, torch.dtype]:
+        """(shape, dtype) of a batch's image buffer: (B, S, S, 3) for channels-last transforms."""
+        size, B = self.transform.size, self.plan.batch_size
+        shape = (B, size, size, 3) if self.transform.channels_last else (B, 3, size, size)
+        return shape, self.transform.dtype
+
+    def _layout(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A batch buffer as (B, 3, S, S) images."""
+        return buffer.permute(0, 3, 1, 2) if self.transform.channels_last else buffer
 
     def _new_batch(self, B: int, shared: bool) -> torch.Tensor:
-        size, dtype = self.transform.size, self.transform.dtype
-        shape = (B, size, size, 3) if self.transform.channels_last else (B, 3, size, size)
+        shape, dtype = self.buffer_spec()
         if shared:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             try:  # allocated in shared memory, so that sending it to the main process copies nothing
@@ -264,7 +284,7 @@ class EpochDataset(IterableDataset):
                 images = torch.empty(shape, dtype=dtype)
         else:
             images = torch.empty(shape, dtype=dtype)
-        return images.permute(0, 3, 1, 2) if self.transform.channels_last else images
+        return self._layout(images)
 
     def _raw(self, slices, stats, tag):
         stream = itertools.chain.from_iterable(read_slice(s.url, s.skip, s.take, stats) for s in slices)
@@ -436,20 +456,29 @@ class ShardLoader:
         start, K = self.batches, self.workers
         dataset = EpochDataset(plan, self.transform, seed=self.seed, start_batch=start,
                                shuffle_buffer=self.shuffle_buffer)
+        ring = None
+        if self.num_workers:
+            ring = dataset.ring = BatchRing(self.num_workers, self.prefetch_factor + 1, *dataset.buffer_spec())
         # Its own generator: creating the iterator draws seeds, which must not move the caller's global RNG.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, start, "loader"))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, generator=generator)
-        for b, batch in enumerate(loader, start):
-            worker, index = batch.pop("_worker"), batch.pop("_index")
-            if (worker, index) != (b % K, b // K):
-                raise RuntimeError(f"batch {b} came from worker {worker} (its batch {index}), expected worker "
-                                   f"{b % K} (batch {b // K}): the DataLoader did not take workers in turn")
-            self.batches = b + 1
-            self.totals["bad"] += batch["bad"]
-            self.totals["repeated"] += batch["repeated"]
-            yield batch
+        try:
+            for b, batch in enumerate(loader, start):
+                worker, index = batch.pop("_worker"), batch.pop("_index")
+                if "_slot" in batch:
+                    batch["image"] = ring.receive(*batch.pop("_slot"), batch["image"])
+                if (worker, index) != (b % K, b // K):
+                    raise RuntimeError(f"batch {b} came from worker {worker} (its batch {index}), expected worker "
+                                       f"{b % K} (batch {b // K}): the DataLoader did not take workers in turn")
+                self.batches = b + 1
+                self.totals["bad"] += batch["bad"]
+                self.totals["repeated"] += batch["repeated"]
+                yield batch
+        finally:
+            if ring is not None:
+                ring.release_all()
         if self.batches != n:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.batches} of {n} batches")
         self.epoch, self.batches = self.epoch + 1, 0

@@ -11,7 +11,9 @@ How: the main process creates `slots` buffers per worker before the workers star
 them already and receiving a batch maps nothing new. Each worker takes a free slot (waiting if
 the main process still holds all of them), fills it and sends it; the main process copies the
 batch out (an ordinary allocation, reused) and gives the slot back. DataLoader keeps at most
-`prefetch_factor` batches of a worker in flight, so prefetch_factor + 1 slots never stall it.
+`prefetch_factor` batches of a worker in flight, so prefetch_factor + 1 slots never stall it. Shared
+memory held: (prefetch_factor + 1) x workers batches, one batch per worker more than fresh buffers
+reach at their peak.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 `write_subset(out, train=N, val=M)` writes the first N train and M val samples (real JPEGs and
 labels) as uncompressed shards of at most `shard_size` samples, with a data_tools-style
-manifest.json (classes, per-shard counts), and returns `out`.
+manifest.json (classes, per-shard counts), and returns `out`. Also what the evaluation tests share:
+MODEL (the encoder they evaluate) and the autouse fixture `fresh_accelerate_state` (import it).
 """
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from conftest import SAMPLE_DATA
+
+MODEL = {"encoder": "tiny", "img_size": 32, "patch_size": 4}  # the encoder the evaluation tests evaluate
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run makes its Accelerator with its own precision; accelerate keeps one state per process."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
 
 def _samples(split: str, count: int):

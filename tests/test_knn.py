@@ -13,21 +13,9 @@ import torch
 import yaml
 
 from conftest import REPO, subprocess_env
-from eval_subset import write_subset
+from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
 from mpp.config import ConfigError, EvalConfig, KnnConfig, OnlineKnnConfig, from_dict
 from mpp.knn import OnlineKnn, knn_predict, main, run_knn, topk_accuracy
-
-MODEL = {"encoder": "tiny", "img_size": 32, "patch_size": 4}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run makes its Accelerator with its own precision; accelerate keeps one state per process."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

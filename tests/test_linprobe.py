@@ -12,21 +12,9 @@ import torch
 import yaml
 
 from conftest import REPO, quick_config, run_train, subprocess_env
-from eval_subset import write_subset
+from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
 from mpp.config import EvalConfig, ProbeConfig, from_dict
 from mpp.linprobe import build_head, build_optimizer, main, run_probe
-
-MODEL = {"encoder": "tiny", "img_size": 32, "patch_size": 4}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run makes its Accelerator with its own precision; accelerate keeps one state per process."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

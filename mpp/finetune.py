@@ -34,6 +34,7 @@ from mpp.config import ConfigError, FinetuneRunConfig, to_dict
 from mpp.data import ShardLoader, normalizer
 from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
 from mpp.features import is_random_init, manifest_classes
+from mpp.knn import topk_hits
 from mpp.models import set_fused_attn, vit_encoder
 from mpp.weights import load_into_vit
 
@@ -101,7 +102,6 @@ def evaluate(accelerator, model, loader, to_input, num_classes: int) -> dict:
     """Top-1, top-5 and cross-entropy over the loader's evaluation plan: each sample sits on exactly one
     process, padding is marked invalid, so summing over processes counts every sample once."""
     model.eval()
-    k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top-1 hits, top-5 hits, loss, count
     loader.set_epoch(0)
     for batch in loader:
@@ -110,10 +110,9 @@ def evaluate(accelerator, model, loader, to_input, num_classes: int) -> dict:
         with accelerator.autocast():
             logits = model(to_input(batch["image"])).float()
         logits, labels = logits[valid], labels[valid]
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-        sums += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(), loss.double(),
-                             torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
+        sums += torch.cat([topk_hits(logits, labels).double(), loss.double()[None],
+                           torch.tensor([float(labels.numel())], dtype=torch.float64, device=labels.device)])
     top1, top5, loss, count = accelerator.reduce(sums, "sum").tolist()
     return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "count": int(count)}
 

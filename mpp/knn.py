@@ -57,13 +57,18 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """{"top1": fraction, "top5": ...}; top-k with k past the class count is top-(class count)."""
-    labels = labels.to(scores.device)
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """For each k, how many rows of `scores` have their label among their k highest scores; top-k with k
+    past the class count is top-(class count)."""
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
+    hits = ranked == labels.to(scores.device)[:, None]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """{"top1": fraction, "top5": ...} (topk_hits over the row count)."""
     n = max(1, len(labels))
-    return {f"top{k}": hits[:, :k].any(dim=1).sum().item() / n for k in ks}
+    return {f"top{k}": hits / n for k, hits in zip(ks, topk_hits(scores, labels, ks).tolist())}
 
 
 def knn_accuracy(train_f, train_y, test_f, test_y, knn_cfg, num_classes: int, device) -> dict[str, float]:

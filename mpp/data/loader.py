@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import math
 import os
 import random
 import warnings
@@ -194,6 +193,13 @@ class _GlobalRNG:
         self._set(self.saved)
 
 
+def batch_buffer_spec(transform, batch_size: int) -> tuple[tuple, torch.dtype]:
+    """(shape, dtype) of a batch's image buffer: (B, S, S, 3) for channels-last transforms."""
+    size = transform.size
+    shape = (batch_size, size, size, 3) if transform.channels_last else (batch_size, 3, size, size)
+    return shape, transform.dtype
+
+
 class EpochDataset(IterableDataset):
     """One epoch of one rank, from batch `start_batch` on; each DataLoader worker plays one planned worker."""
 
@@ -233,15 +239,15 @@ class EpochDataset(IterableDataset):
                 global_rng = _GlobalRNG(aug_seed)
 
         pool, pool_chunk = None, last_chunk  # good samples to repeat when a batch has none of its own
-        shared = info is not None  # a worker's batches go to the main process through shared memory
         for j in range(done, wplan.batches):
             chunk = list(itertools.islice(raw, B))
             slot = None
-            if self.ring is not None and info is not None:
+            if self.ring is not None and info is not None:  # a worker: fill a shared buffer of the ring
                 slot, buffer = self.ring.take(info.id)
-                images = self._layout(buffer)
             else:
-                images = self._new_batch(B, shared)
+                shape, dtype = batch_buffer_spec(self.transform, B)
+                buffer = torch.empty(shape, dtype=dtype)
+            images = buffer.permute(0, 3, 1, 2) if self.transform.channels_last else buffer
             goods, corrupt = self._decode(chunk, rng, global_rng, images)
             missing, reported_missing = stats.missing - reported_missing, stats.missing
             n, repeated = len(goods), 0
@@ -263,28 +269,6 @@ class EpochDataset(IterableDataset):
             if slot is not None:
                 batch["_slot"] = (info.id, slot)
             yield batch
-
-    def buffer_spec(self) -> tuple[tuple, torch.dtype]:
-        """(shape, dtype) of a batch's image buffer: (B, S, S, 3) for channels-last transforms."""
-        size, B = self.transform.size, self.plan.batch_size
-        shape = (B, size, size, 3) if self.transform.channels_last else (B, 3, size, size)
-        return shape, self.transform.dtype
-
-    def _layout(self, buffer: torch.Tensor) -> torch.Tensor:
-        """A batch buffer as (B, 3, S, S) images."""
-        return buffer.permute(0, 3, 1, 2) if self.transform.channels_last else buffer
-
-    def _new_batch(self, B: int, shared: bool) -> torch.Tensor:
-        shape, dtype = self.buffer_spec()
-        if shared:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            try:  # allocated in shared memory, so that sending it to the main process copies nothing
-                images = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
-            except (AttributeError, RuntimeError):
-                images = torch.empty(shape, dtype=dtype)
-        else:
-            images = torch.empty(shape, dtype=dtype)
-        return self._layout(images)
 
     def _raw(self, slices, stats, tag):
         stream = itertools.chain.from_iterable(read_slice(s.url, s.skip, s.take, stats) for s in slices)
@@ -363,11 +347,11 @@ class ShardLoader:
       label  int64 (B,), -1 where the sample has none
       key    list of B sample keys ("" for padding)
       valid  bool (B,): False for evaluation padding and for corrupt samples' slots
+      bad    samples this worker skipped (undecodable, or planned but missing) since its last batch
+      repeated  entries of the batch that repeat a good sample to make up for skipped ones (training)
 
     `exact=True` gives any mode the evaluation plan; `augment` passes finetune mode's timm options
     (auto_augment, re_prob) to its transform.
-      bad    samples this worker skipped (undecodable, or planned but missing) since its last batch
-      repeated  entries of the batch that repeat a good sample to make up for skipped ones (training)
     """
 
     def __init__(self, spec, *, mode: str = "pretrain", batch_size: int, img_size: int = 224, split: str = "train",
@@ -454,11 +438,12 @@ class ShardLoader:
             self.epoch, self.batches = self.epoch + 1, 0
         plan = self.plan()
         start, K = self.batches, self.workers
-        dataset = EpochDataset(plan, self.transform, seed=self.seed, start_batch=start,
-                               shuffle_buffer=self.shuffle_buffer)
         ring = None
         if self.num_workers:
-            ring = dataset.ring = BatchRing(self.num_workers, self.prefetch_factor + 1, *dataset.buffer_spec())
+            ring = BatchRing(self.num_workers, self.prefetch_factor + 1,
+                             *batch_buffer_spec(self.transform, self.batch_size))
+        dataset = EpochDataset(plan, self.transform, seed=self.seed, start_batch=start,
+                               shuffle_buffer=self.shuffle_buffer, ring=ring)
         # Its own generator: creating the iterator draws seeds, which must not move the caller's global RNG.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, start, "loader"))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,

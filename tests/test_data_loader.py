@@ -27,7 +27,8 @@ from conftest import REPO, SAMPLE_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 from mpp.data import ShardLoader, decode_rgb, normalizer, resolve_shards
-from mpp.data.decode import CropTransform, build_transform, draft_factor, jpeg_size, random_resized_crop_box
+from mpp.data.decode import (CropTransform, build_transform, decode_chw, draft_factor, jpeg_size,
+                              random_resized_crop_box)
 from mpp.data.loader import EpochPlan, split_batches
 from mpp.data.shards import count_samples, read_slice
 
@@ -460,6 +461,29 @@ def test_draft_decoding_keeps_the_geometry_and_is_used_when_the_crop_allows():
     small = CropTransform(224, "random")
     small(sample_jpegs(1)[0][1], random.Random(0))  # a 32 px image: nothing to reduce
     assert small.drafted == 0
+
+
+def test_random_crop_equals_torchvision_resized_crop():
+    """The pretrain crop is torchvision's RandomResizedCrop + flip on the decoded image, pixel for pixel,
+    whether it returns a new tensor or writes into a slot of a channels-last batch."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    data = smooth_photo(400, 300)  # crops at most 300 px high: never decoded reduced at 160
+    crop = CropTransform(160, "random", scale=(0.2, 1.0))
+    batch = torch.zeros(16, 160, 160, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    pixels = decode_chw(data)
+    flips = 0
+    for i in range(16):
+        ref_rng = random.Random(i)
+        top, left, h, w = random_resized_crop_box(400, 300, (0.2, 1.0), (3 / 4, 4 / 3), ref_rng)
+        expected = TF.resized_crop(pixels, top, left, h, w, [160, 160], InterpolationMode.BICUBIC, antialias=True)
+        if ref_rng.random() < 0.5:
+            expected, flips = TF.horizontal_flip(expected), flips + 1
+        assert torch.equal(crop(data, random.Random(i)), expected), i
+        assert crop(data, random.Random(i), out=batch[i]).data_ptr() == batch[i].data_ptr()
+        assert torch.equal(batch[i], expected), i
+    assert 0 < flips < 16 and crop.drafted == 0
 
 
 def test_modes_and_transforms():

@@ -57,8 +57,7 @@ def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
 # The operator behind F.interpolate(mode="bicubic", antialias=True). Its out= form writes a crop straight
 # into its slot of the batch, saving a copy: with the flip done before the resize, crop + flip + resize
 # take 179 us an image against 193 us (imagewoof320 crops at 224 px, this project's CPU; the resize alone
-# is 165 us). tests/test_data_loader.py checks that both paths
-# equal torchvision's resized_crop + flip.
+# is 165 us). tests/test_data_loader.py checks that both paths equal torchvision's resized_crop + flip.
 _resize_into = getattr(getattr(torch._C, "_nn", None), "_upsample_bicubic2d_aa", None)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")

@@ -10,7 +10,8 @@ one micro-batch of train.micro_batch_size per step and the recipe's mixed precis
 `loader` times the data pipeline on real shards, in one run: the decode-only rate of the same
 JPEGs (PIL open + convert to RGB, bytes read from the shards beforehand so no IO is counted: the
 ceiling of one worker), then for each worker count the pretrain-mode ShardLoader and a naive
-`webdataset ... .decode("pil")` + torchvision transforms pipeline, in images/s per worker and in total.
+`webdataset ... .decode("pil")` + torchvision transforms pipeline, in images/s per worker and in total,
+and where one image's time goes (decode, crop + resize, tar read, the rest of the loader), stage by stage.
 """
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
                  shuffle_buffer: int = 1000, trials: int = 3) -> dict:
     """Each rate is the best of `trials` runs (other work on the machine only ever slows a run down)."""
     import io
+    import itertools
+    import random
 
     import webdataset as wds
     from PIL import Image
@@ -133,7 +136,7 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
 
     from mpp.config import IMAGENET_MEAN, IMAGENET_STD
     from mpp.data import ShardLoader, resolve_shards
-    from mpp.data.decode import _decode_jpeg_tensor
+    from mpp.data.decode import CropTransform, _decode_jpeg_tensor
     from mpp.data.shards import read_slice
 
     torch.set_num_threads(1)
@@ -170,6 +173,26 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
         Image.open(io.BytesIO(data)).convert("RGB")
     decode_pil = rate(lambda data: Image.open(io.BytesIO(data)).convert("RGB"))
     decode_tv = rate(_decode_jpeg_tensor)
+    # The pretrain transform's crop + flip + resize into a batch slot, alone, on pixels decoded beforehand.
+    transform, slot = CropTransform(img_size, "random"), torch.empty(1, img_size, img_size, 3, dtype=torch.uint8)
+    crop_rng, crops = random.Random(0), []
+    for data in jpegs[:256]:
+        pixels = _decode_jpeg_tensor(data)
+        crops.append((pixels, transform.box(pixels.shape[2], pixels.shape[1], crop_rng), crop_rng.random() < 0.5))
+
+    def crop_ms() -> float:
+        start = time.process_time()
+        for pixels, box, flip in crops:
+            transform.crop(pixels, box, flip, out=slot.permute(0, 3, 1, 2)[0])
+        return 1e3 * (time.process_time() - start) / len(crops)
+
+    def read_tar():
+        start, count = time.perf_counter(), 0
+        for url in urls:
+            count += sum(1 for _ in itertools.islice(read_slice(url), limit - count))
+            if count >= limit:
+                break
+        return 1e3 * (time.perf_counter() - start) / max(count, 1)
 
     naive_transform = T.Compose([
         T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -195,6 +218,14 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
         pipe["of_ceiling"] = pipe["per_worker"] / decode_pil["img_per_s"]
         pipe["of_ceiling_cpu"] = decode_pil["cpu_ms_per_img"] / pipe["worker_cpu_ms_per_img"]
         pipe["vs_naive"] = pipe["img_per_s"] / timed["img_per_s"]
+    # Where a worker's time per image goes: each stage timed alone in this process; "rest" is the rest of the
+    # workers' CPU time (shuffle buffer, sample dicts, crop draws, batching, handing batches over).
+    worker_ms = min(pipe["worker_cpu_ms_per_img"] for pipe in result["pipeline"].values())
+    tar_ms = min(read_tar() for _ in range(trials))
+    resize_ms = min(crop_ms() for _ in range(trials))
+    result["breakdown_ms_per_img"] = {"decode": decode_tv["cpu_ms_per_img"], "crop_resize": resize_ms,
+                                      "tar_read": tar_ms, "worker": worker_ms,
+                                      "rest": worker_ms - decode_tv["cpu_ms_per_img"] - resize_ms - tar_ms}
     return result
 
 
@@ -214,6 +245,10 @@ def print_loader(result: dict) -> None:
               f"{pipe['of_ceiling']:10.0%}  {pipe['vs_naive']:7.2f}x  {pipe['worker_cpu_ms_per_img']:17.3f}  "
               f"{pipe['of_ceiling_cpu']:16.0%}")
     print("  (wall-clock rates: the best of the trials; CPU times: the workers' own, less disturbed by other load)")
+    parts = result["breakdown_ms_per_img"]
+    print(f"  one image, stage by stage: torchvision decode {parts['decode']:.3f} ms, crop + flip + "
+          f"resize {parts['crop_resize']:.3f}, tar read {parts['tar_read']:.3f}, the rest of a worker's "
+          f"{parts['worker']:.3f} ms {parts['rest']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -539,6 +539,10 @@ def test_bench_loader_runs_and_prints_json(tmp_path):
     report = json.loads(result.stdout)
     assert report["decode_only"]["img_per_s"] > 0
     assert report["pipeline"]["1"]["img_per_s"] > 0 and report["naive"]["1"]["img_per_s"] > 0
+    parts = report["breakdown_ms_per_img"]
+    assert parts["decode"] > 0 and parts["crop_resize"] > 0 and parts["tar_read"] > 0
+    assert parts["worker"] == pytest.approx(report["pipeline"]["1"]["worker_cpu_ms_per_img"])
+    assert parts["worker"] > parts["decode"] + parts["tar_read"]
 
 
 # ---- real shards made by data_tools from ../shared/datasets ----

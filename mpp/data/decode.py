@@ -208,7 +208,12 @@ class CropTransform:
             return pil_to_chw(to_rgb(img)), (top, left, h, w)
 
     def __call__(self, data: bytes, rng: random.Random | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        pixels, (top, left, h, w) = self._pixels(data, rng)
+        pixels, box = self._pixels(data, rng)
+        return self.crop(pixels, box, self.flip and rng.random() < 0.5, out)
+
+    def crop(self, pixels: torch.Tensor, box, flip: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded uint8 (3, H, W) pixels -> the (top, left, h, w) box resized to (3, size, size), flipped if asked."""
+        top, left, h, w = box
         _, full_h, full_w = pixels.shape
         y0, x0 = min(int(round(top)), full_h - 1), min(int(round(left)), full_w - 1)
         y1, x1 = min(max(int(round(top + h)), y0 + 1), full_h), min(max(int(round(left + w)), x0 + 1), full_w)
@@ -216,7 +221,7 @@ class CropTransform:
         # Flipping the region before the resize gives the same pixels as flipping the result (the filter is
         # symmetric; the test against torchvision checks it), and the flip is then the one copy the resize
         # needs anyway to read a channels-last region.
-        if self.flip and rng.random() < 0.5:
+        if flip:
             region = region.flip(-1)
         region = region.contiguous(memory_format=torch.channels_last)
         if out is not None and _resize_into is not None:

@@ -247,8 +247,8 @@ def print_loader(result: dict) -> None:
     print("  (wall-clock rates: the best of the trials; CPU times: the workers' own, less disturbed by other load)")
     parts = result["breakdown_ms_per_img"]
     print(f"  one image, stage by stage: torchvision decode {parts['decode']:.3f} ms, crop + flip + "
-          f"resize {parts['crop_resize']:.3f}, tar read {parts['tar_read']:.3f}, the rest of a worker's "
-          f"{parts['worker']:.3f} ms {parts['rest']:.3f}")
+          f"resize {parts['crop_resize']:.3f}, tar read {parts['tar_read']:.3f}, the rest {parts['rest']:.3f} "
+          f"(a worker's CPU time per image: {parts['worker']:.3f} ms)")
 
 
 def main(argv: list[str] | None = None) -> int:

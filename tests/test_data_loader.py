@@ -27,12 +27,16 @@ from conftest import REPO, SAMPLE_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 from mpp.data import ShardLoader, decode_rgb, normalizer, resolve_shards
+from mpp.data import decode as decode_module
 from mpp.data.decode import (CropTransform, build_transform, decode_chw, draft_factor, jpeg_size,
                               random_resized_crop_box)
 from mpp.data.loader import EpochPlan, split_batches
 from mpp.data.shards import count_samples, read_slice
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+needs_region_decoder = pytest.mark.skipif(
+    decode_module._decode_crop is None,
+    reason="mpp's region JPEG decoder (mpp/data/_jpegcrop.c) was not built: no libjpeg-turbo headers at install")
 TRAIN_KEYS = 5000
 
 
@@ -463,12 +467,18 @@ def test_draft_decoding_keeps_the_geometry_and_is_used_when_the_crop_allows():
     assert small.drafted == 0
 
 
-def test_random_crop_equals_torchvision_resized_crop():
+@pytest.mark.parametrize("region_decoder", [True, False])
+def test_random_crop_equals_torchvision_resized_crop(region_decoder, monkeypatch):
     """The pretrain crop is torchvision's RandomResizedCrop + flip on the decoded image, pixel for pixel,
-    whether it returns a new tensor or writes into a slot of a channels-last batch."""
+    whether it returns a new tensor or writes into a slot of a channels-last batch, and whether only the
+    crop region is decoded or the whole image."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
+    if region_decoder and decode_module._decode_crop is None:
+        pytest.skip("mpp's region JPEG decoder was not built (no libjpeg-turbo headers at install)")
+    if not region_decoder:
+        monkeypatch.setattr(decode_module, "_decode_crop", None)
     data = smooth_photo(400, 300)  # crops at most 300 px high: never decoded reduced at 160
     crop = CropTransform(160, "random", scale=(0.2, 1.0))
     batch = torch.zeros(16, 160, 160, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -484,6 +494,57 @@ def test_random_crop_equals_torchvision_resized_crop():
         assert crop(data, random.Random(i), out=batch[i]).data_ptr() == batch[i].data_ptr()
         assert torch.equal(batch[i], expected), i
     assert 0 < flips < 16 and crop.drafted == 0
+    assert crop.region_decoded == (32 if region_decoder else 0)
+
+
+@needs_region_decoder
+@pytest.mark.parametrize("kind", ["4:4:4", "4:2:2", "4:2:0", "4:2:0 progressive", "greyscale"])
+def test_region_decoding_gives_the_pixels_of_the_full_decode(kind):
+    """Only the crop region decoded, mirrored or not, equals torchvision's whole-image decode cropped, at the
+    image's edges and inside it, for every chroma subsampling (whose upsampling reads beyond the region)."""
+    width, height = 203, 157  # no multiple of the 8 or 16 px block columns and rows
+    img = decode_rgb(smooth_photo(width, height))
+    options = {"4:4:4": dict(subsampling=0), "4:2:2": dict(subsampling=1), "4:2:0": dict(subsampling=2),
+               "4:2:0 progressive": dict(subsampling=2, progressive=True), "greyscale": {}}[kind]
+    if kind == "greyscale":
+        img = img.convert("L")
+    data = encode(img, "JPEG", quality=90, **options)
+    full = decode_chw(data).permute(1, 2, 0)  # (H, W, 3)
+    rng = random.Random(0)
+    boxes = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 7, height, 7),
+             (16, 15, 17, 33), (height - 20, 0, 20, width), (40, 96, 1, 100)]
+    boxes += [random_resized_crop_box(width, height, (0.05, 1.0), (3 / 4, 4 / 3), rng) for _ in range(20)]
+    out = np.empty(width * height * 3, np.uint8)
+    for top, left, h, w in boxes:
+        for flip in (False, True):
+            decode_module._decode_crop(data, top, left, h, w, flip, out)
+            expected = full[top:top + h, left:left + w]
+            got = torch.from_numpy(out[:h * w * 3].reshape(h, w, 3))
+            assert torch.equal(got, expected.flip(1) if flip else expected), (top, left, h, w, flip)
+
+
+@needs_region_decoder
+def test_region_decoder_refuses_what_it_cannot_decode_and_the_transform_falls_back():
+    decode_crop, out = decode_module._decode_crop, np.empty(96 * 64 * 3, np.uint8)
+    good = smooth_photo(96, 64)
+    cmyk = encode(Image.new("CMYK", (96, 64), (0, 255, 255, 0)), "JPEG", quality=100)
+    with pytest.raises(RuntimeError, match="libjpeg"):
+        decode_crop(cmyk, 0, 0, 8, 8, False, out)
+    with pytest.raises(RuntimeError, match="libjpeg"):  # truncated inside the region
+        decode_crop(good[:len(good) // 3], 0, 0, 64, 96, False, out)
+    with pytest.raises(RuntimeError, match="outside"):
+        decode_crop(good, 60, 0, 8, 8, False, out)
+    with pytest.raises(ValueError, match="needs"):
+        decode_crop(good, 0, 0, 64, 96, False, out[:100])
+    crop = CropTransform(48, "random", scale=(0.5, 1.0))  # crops under 2x 48 px: never decoded reduced
+    assert torch.equal(crop(cmyk, random.Random(0)), torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+                       .expand(3, 48, 48))  # PIL decoded it
+    truncated = good[:-len(good) // 4]  # no end-of-image marker: the whole-image decoders judge it
+    with pytest.raises(OSError, match="truncated"):
+        crop(truncated, random.Random(0))
+    assert crop.region_decoded == 0
+    crop(good, random.Random(0))
+    assert crop.region_decoded == 1
 
 
 def test_modes_and_transforms():

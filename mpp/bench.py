@@ -153,26 +153,25 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
             break
 
     def rate(fn) -> dict:
-        best, cpu = 0.0, float("inf")
-        for _ in range(trials):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for data in jpegs:
-                fn(data)
-            best = max(best, len(jpegs) / (time.perf_counter() - start))
-            cpu = min(cpu, 1e3 * (time.process_time() - cpu_start) / len(jpegs))
-        return {"img_per_s": best, "cpu_ms_per_img": cpu}
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for data in jpegs:
+            fn(data)
+        return {"img_per_s": len(jpegs) / (time.perf_counter() - start),
+                "cpu_ms_per_img": 1e3 * (time.process_time() - cpu_start) / len(jpegs)}
 
-    def best_of(make_batches, k: int) -> dict:
-        runs = [_timed_batches(make_batches(), limit, skip=max(k, 1)) for _ in range(trials)]
-        best = max(runs, key=lambda r: r["img_per_s"])
-        best["per_worker"] = best["img_per_s"] / max(k, 1)
-        best["worker_cpu_ms_per_img"] = min(r["worker_cpu_ms_per_img"] for r in runs)
-        return best
+    def best(runs: list[dict], k: int = 1) -> dict:
+        top = dict(max(runs, key=lambda r: r["img_per_s"]))
+        for key in ("cpu_ms_per_img", "worker_cpu_ms_per_img"):
+            if key in top:
+                top[key] = min(r[key] for r in runs)
+        top["per_worker"] = top["img_per_s"] / max(k, 1)
+        return top
+
+    def decode_with_pil(data):
+        return Image.open(io.BytesIO(data)).convert("RGB")
 
     for data in jpegs[:20]:  # warm caches
-        Image.open(io.BytesIO(data)).convert("RGB")
-    decode_pil = rate(lambda data: Image.open(io.BytesIO(data)).convert("RGB"))
-    decode_tv = rate(_decode_jpeg_tensor)
+        decode_with_pil(data)
     # The pretrain transform's two stages, each alone: decoding (the crop region only, where mpp's extension is
     # built; else the whole image), then crop + flip + resize into a batch slot, on pixels decoded beforehand.
     transform = CropTransform(img_size, "random")
@@ -219,8 +218,7 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     result = {"bench": "loader", "spec": str(spec), "shards": len(urls), "img_size": img_size, "batch": batch,
               "limit": limit, "trials": trials, "cpus": len(os.sched_getaffinity(0)),
-              "decode_only": {**decode_pil, "what": "PIL open + convert('RGB') of the same JPEG bytes, one process"},
-              "decode_only_torchvision": decode_tv, "pipeline": {}, "naive": {}}
+              "pipeline": {}, "naive": {}}
 
     def pipeline(k):
         return ShardLoader(spec, mode="pretrain", batch_size=batch, img_size=img_size, split=split, num_workers=k,
@@ -231,9 +229,21 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
                   .repeat().decode("pil").to_tuple("jpg").map_tuple(naive_transform).batched(batch))
         return iter(wds.WebLoader(stages, batch_size=None, num_workers=k))
 
+    # Trials interleaved (ceiling, then each pipeline, then again), so that a slow spell of the host, which
+    # comes and goes over minutes here, lowers the ceiling as often as the pipelines rather than only one.
+    runs = {"pil": [], "tv": [], **{("pipe", k): [] for k in workers}, **{("naive", k): [] for k in workers}}
+    for _ in range(trials):
+        runs["pil"].append(rate(decode_with_pil))
+        runs["tv"].append(rate(_decode_jpeg_tensor))
+        for k in workers:
+            runs["pipe", k].append(_timed_batches(pipeline(k), limit, skip=max(k, 1)))
+            runs["naive", k].append(_timed_batches(naive(k), limit, skip=max(k, 1)))
+    decode_pil, decode_tv = best(runs["pil"]), best(runs["tv"])
+    decode_pil["what"] = "PIL open + convert('RGB') of the same JPEG bytes, one process"
+    result["decode_only"], result["decode_only_torchvision"] = decode_pil, decode_tv
     for k in workers:
-        pipe = result["pipeline"][str(k)] = best_of(lambda: pipeline(k), k)
-        timed = result["naive"][str(k)] = best_of(lambda: naive(k), k)
+        pipe = result["pipeline"][str(k)] = best(runs["pipe", k], k)
+        timed = result["naive"][str(k)] = best(runs["naive", k], k)
         pipe["of_ceiling"] = pipe["per_worker"] / decode_pil["img_per_s"]
         pipe["of_ceiling_cpu"] = decode_pil["cpu_ms_per_img"] / pipe["worker_cpu_ms_per_img"]
         pipe["vs_naive"] = pipe["img_per_s"] / timed["img_per_s"]

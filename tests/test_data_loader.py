@@ -523,6 +523,16 @@ def test_region_decoding_gives_the_pixels_of_the_full_decode(kind):
             assert torch.equal(got, expected.flip(1) if flip else expected), (top, left, h, w, flip)
 
 
+def test_a_loader_without_the_region_decoder_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(decode_module, "_decode_crop", None)
+    monkeypatch.setattr(decode_module, "_warned_no_region_decoder", False)
+    with caplog.at_level("WARNING", logger="mpp.data"):
+        loader()
+        loader(mode="eval")
+    warnings = [r.getMessage() for r in caplog.records if "region JPEG decoder" in r.getMessage()]
+    assert len(warnings) == 1 and "libjpeg-turbo" in warnings[0] and "pip install" in warnings[0]
+
+
 @needs_region_decoder
 def test_region_decoder_refuses_what_it_cannot_decode_and_the_transform_falls_back():
     decode_crop, out = decode_module._decode_crop, np.empty(96 * 64 * 3, np.uint8)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import MODES, build_transform, image_bytes
+from .decode import MODES, CropTransform, build_transform, image_bytes, warn_if_no_region_decoder
 from .ring import BatchRing
 from .shards import SliceStats, count_samples, estimate_counts, read_slice, resolve_shards
 
@@ -379,6 +379,8 @@ class ShardLoader:
         self.workers = max(1, num_workers)  # the plan's worker count (num_workers=0: one, in this process)
         self.shuffle_buffer = shuffle_buffer if self.training else 0
         self.transform = build_transform(mode, img_size, crop_scale, mean, std, crop_pct, draft, augment)
+        if isinstance(self.transform, CropTransform):
+            warn_if_no_region_decoder(log)
         self.img_size = img_size
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor

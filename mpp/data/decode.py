@@ -13,7 +13,7 @@ The crop box (and the flip) is drawn from the image's header size before any pix
 JPEG whose crop region is at least 2x (4x, 8x) the target in both directions is decoded at 1/2 (1/4,
 1/8) size by libjpeg's DCT scaling (PIL `draft`), and the box scaled to match. Of other JPEGs only
 the crop region is decoded, mirrored if flipped, by mpp's libjpeg-turbo extension (`_jpegcrop.c`;
-the same pixels as a full decode, 0.33 against 0.46 ms an imagewoof320 photo); where that extension
+the same pixels as a full decode; 0.36-0.45 ms an imagewoof320 photo against 0.43-0.50); where that extension
 was not built, or refuses a file, torchvision's libjpeg-turbo decoder decodes the whole image
 straight into a tensor. Other formats go through PIL. The resize is one antialiased bicubic
 `interpolate` of the crop region (torchvision's tensor RandomResizedCrop does the same), several

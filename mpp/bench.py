@@ -186,7 +186,10 @@ def bench_loader(spec, img_size: int, workers: list[int], batch: int, limit: int
     def time_decode() -> float:
         start = time.process_time()
         for data, bounds, _, flip in crops:
-            transform._decode_region(data, bounds, flip) if region_decoder else _decode_jpeg_tensor(data)
+            if region_decoder:
+                transform._decode_region(data, bounds, flip)
+            else:
+                _decode_jpeg_tensor(data)
         return 1e3 * (time.process_time() - start) / len(crops)
 
     if region_decoder:
@@ -276,9 +279,11 @@ def print_loader(result: dict) -> None:
               f"{pipe['of_ceiling_cpu']:16.0%}")
     print("  (wall-clock rates: the best of the trials; CPU times: the workers' own, less disturbed by other load)")
     parts = result["breakdown_ms_per_img"]
-    decoder = "decode of the crop region" if parts["decoder"] == "region" else "torchvision decode (whole image)"
-    print(f"  one image, stage by stage: {decoder} {parts['decode']:.3f} ms, crop + flip + "
-          f"resize {parts['crop_resize']:.3f}, tar read {parts['tar_read']:.3f}, the rest {parts['rest']:.3f} "
+    if parts["decoder"] == "region":  # the decoder crops and flips
+        stages = f"decode of the crop region (and flip) {parts['decode']:.3f} ms, resize {parts['crop_resize']:.3f}"
+    else:
+        stages = f"torchvision decode {parts['decode']:.3f} ms, crop + flip + resize {parts['crop_resize']:.3f}"
+    print(f"  one image, stage by stage: {stages}, tar read {parts['tar_read']:.3f}, the rest {parts['rest']:.3f} "
           f"(a worker's CPU time per image: {parts['worker']:.3f} ms)")
 
 

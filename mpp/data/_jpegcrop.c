@@ -141,8 +141,11 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
   for (int y = 0; y < height && !err->warned;) {
     int want = height - y < group ? height - y : group;
     int got = (int)jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)want);
-    if (got <= 0)
-      break;  /* cannot happen for an in-memory source; guards the loop */
+    if (got <= 0) {  /* not expected from an in-memory source: fail rather than leave rows unwritten */
+      snprintf(err->message, JMSG_LENGTH_MAX, "no rows after row %d of the region", y);
+      err->warned = 1;
+      break;
+    }
     for (int i = 0; i < got; i++, y++) {
       unsigned char *dst = out + (size_t)y * width * 3;
       if (flip)

@@ -28,13 +28,14 @@ from accelerate import Accelerator
 from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.data import normalizer
 from mpp.flops import device_peak_flops, train_flops_per_image
+from mpp.engine import dynamo_backend
 from mpp.pretrain import Schedule, build_training, effective_precision, set_cpu_threads, train_step
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "base.yaml"
 
 
 def bench_train(cfg: PretrainConfig, steps: int, warmup: int) -> dict:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, dynamo_backend=dynamo_backend(cfg))
     device, batch = accelerator.device, cfg.train.micro_batch_size
     set_cpu_threads(cfg, device)
     plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=warmup + steps + 1, warmup_steps=1,

@@ -121,6 +121,11 @@ def effective_precision(accelerator) -> str:
     return accelerator.mixed_precision
 
 
+def dynamo_backend(cfg) -> str | None:
+    """torch.compile's backend for the accelerator, when train.compile asks for it."""
+    return "inductor" if cfg.train.compile else None
+
+
 def set_cpu_threads(cfg, device: torch.device) -> None:
     """Use this machine's cores on a CPU run. `accelerate launch` sets OMP_NUM_THREADS=1 unless given
     --cpu, which halved the quickstart's speed on a 2-core machine (README, "Performance").
@@ -265,7 +270,7 @@ class Trainer:
         self.accelerator = accelerator = Accelerator(
             cpu=self.cpu_ddp, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
             log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(self.output_dir),
-            dynamo_backend="inductor" if cfg.train.compile else None,
+            dynamo_backend=dynamo_backend(cfg),
         )
         set_seed(cfg.seed, device_specific=True)
         set_cpu_threads(cfg, accelerator.device)

@@ -27,8 +27,8 @@ from accelerate import Accelerator
 
 from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.data import normalizer
-from mpp.flops import device_peak_flops, train_flops_per_image
 from mpp.engine import dynamo_backend
+from mpp.flops import device_peak_flops, train_flops_per_image
 from mpp.pretrain import Schedule, build_training, effective_precision, set_cpu_threads, train_step
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "base.yaml"

@@ -4,7 +4,7 @@ Why: a RandomResizedCrop keeps 20-100% of the image, yet a full decode runs the 
 upsampling and colour conversion for every pixel. libjpeg-turbo can skip the rows above the region
 (jpeg_skip_scanlines: entropy decoding only), the columns beside it (jpeg_crop_scanline), and stop after
 its last row; neither PIL nor torchvision exposes this. On imagewoof320 crops for 224 px pretraining it
-takes 0.32-0.37 ms an image against 0.43-0.50 ms for torchvision's whole-image decode in the same runs
+takes 0.36-0.45 ms an image against 0.43-0.50 ms for torchvision's whole-image decode in the same runs
 (this project's CPU; README, loader section).
 
 The pixels equal those of a full decode cropped afterwards: the region is decoded with a margin of one

@@ -182,6 +182,7 @@ class ModelConfig:
     decoder_heads: int = 16
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True      # targets are per-patch normalised pixels
+    uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over each micro-batch (0: plain MAE)
 
 
 @dataclasses.dataclass

@@ -212,3 +212,41 @@ def test_encoder_position_embedding_is_fixed_sincos():
     assert pos.shape == (1, 65, 192)
     assert torch.equal(pos[0, 0], torch.zeros(192))  # the class token's row
     assert pos[0, 1:].abs().max().item() <= 1.0 and len({tuple(r.tolist()) for r in pos[0, 1:]}) == 64
+
+
+# ---- U-MAE's uniformity term ----
+
+def test_uniformity_loss_is_one_when_collapsed_and_one_over_batch_when_orthogonal():
+    width, batch = 8, 4
+    # Every image's tokens a positive multiple of the same ones: one direction.
+    collapsed = torch.randn(1, 5, width).expand(batch, -1, -1) * (torch.rand(batch, 1, 1) + 0.5)
+    assert MAE.uniformity_loss(collapsed).item() == pytest.approx(1.0, abs=1e-6)
+    # Each image's patches average to a distinct basis vector (the class token, row 0, is ignored).
+    orthogonal = torch.zeros(batch, 3, width)
+    orthogonal[:, 0] = 5.0
+    orthogonal[torch.arange(batch), 1:, torch.arange(batch)] = 2.0
+    assert MAE.uniformity_loss(orthogonal).item() == pytest.approx(1 / batch, abs=1e-6)
+    # Against a loop over pairs.
+    latent = torch.randn(6, 5, width, generator=torch.Generator().manual_seed(0))
+    means = latent[:, 1:].mean(1)
+    pairs = [torch.nn.functional.cosine_similarity(a, b, dim=0) ** 2 for a in means for b in means]
+    torch.testing.assert_close(MAE.uniformity_loss(latent), torch.stack(pairs).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_uniformity_weight_adds_its_term_to_the_reconstruction_loss():
+    torch.manual_seed(0)
+    plain = small_mae()
+    regularised = small_mae(uniformity=0.5)
+    regularised.load_state_dict(plain.state_dict())
+    imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    plain_loss, _, _ = plain(imgs)
+    torch.manual_seed(2)
+    ids_keep, _, _ = random_masking(4, 64, 0.75)
+    term = MAE.uniformity_loss(plain.forward_encoder(imgs, ids_keep))
+    torch.manual_seed(2)
+    loss, _, _ = regularised(imgs)
+    assert term.item() > 0.1
+    torch.testing.assert_close(loss, plain_loss + 0.5 * term, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="uniformity"):
+        small_mae(uniformity=-1.0)

@@ -3,6 +3,11 @@
 The encoder sees only the visible patches; a light decoder gets them back with mask
 tokens at the masked positions and predicts every patch's pixels; the loss is the MSE
 on masked patches, optionally against per-patch normalised pixels ("norm-pix").
+
+`uniformity` > 0 adds U-MAE's regulariser (Zhang et al., 2022, "How Mask Matters"): the mean squared
+cosine similarity between the batch's images, each the mean of its visible patch tokens at the encoder's
+output. It penalises the dimensional collapse that makes MAE features poor for a linear probe, at the
+cost of one B x B matmul.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ class MAE(nn.Module):
         decoder_heads: int = 16,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        uniformity: float = 0.0,
     ):
         super().__init__()
         if not 0 < mask_ratio < 1:
@@ -71,6 +77,9 @@ class MAE(nn.Module):
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        if uniformity < 0:
+            raise ValueError(f"uniformity must be >= 0, got {uniformity}")
+        self.uniformity = uniformity
         if num_visible(self.num_patches, mask_ratio) < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {self.num_patches}")
 
@@ -135,9 +144,20 @@ class MAE(nn.Module):
         per_patch = (pred.float() - self.target(imgs)).pow(2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+    @staticmethod
+    def uniformity_loss(latent: torch.Tensor) -> torch.Tensor:
+        """U-MAE's regulariser: mean over all pairs (i, j) of the batch of cos(f_i, f_j)^2, f = the mean
+        patch token (the feature the probe reads). 1 when all images collapse to one direction, 1/B at best."""
+        f = nn.functional.normalize(latent[:, 1:].float().mean(dim=1), dim=-1)
+        return (f @ f.T).pow(2).mean()
+
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None):
         """Returns (loss, pred (B, N, p*p*C), mask (B, N) with 1 = masked)."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, ratio, imgs.device)
-        pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_restore)
-        return self.loss(imgs, pred, mask), pred, mask
+        latent = self.forward_encoder(imgs, ids_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.loss(imgs, pred, mask)
+        if self.uniformity:
+            loss = loss + self.uniformity * self.uniformity_loss(latent)
+        return loss, pred, mask

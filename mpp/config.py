@@ -182,7 +182,9 @@ class ModelConfig:
     decoder_heads: int = 16
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True      # targets are per-patch normalised pixels
-    uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over each micro-batch (0: plain MAE)
+    uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over the micro-batch (0: plain MAE)
+    contrastive: float = 0.0        # weight of a SimCLR term between each image and a second view of it (0: plain MAE)
+    contrastive_temperature: float = 0.1  # the contrastive term's softmax temperature
 
 
 @dataclasses.dataclass

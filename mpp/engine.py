@@ -64,17 +64,24 @@ class RunState:
 
 
 class Window:
-    """Loss and throughput since the last metrics record."""
+    """Loss, the loss's terms and throughput since the last metrics record."""
 
     def __init__(self, step: int):
-        self.first_step, self.start, self.losses = step, time.perf_counter(), []
+        self.first_step, self.start, self.losses, self.terms = step, time.perf_counter(), [], []
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, terms: dict[str, float] | None = None) -> None:
         if math.isfinite(loss):
             self.losses.append(loss)
+            self.terms.append(terms or {})
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    def mean_terms(self) -> dict[str, float]:
+        """Each term's mean over the steps that reported it, as `loss_<term>`."""
+        names = dict.fromkeys(name for terms in self.terms for name in terms)
+        return {f"loss_{name}": sum(t[name] for t in self.terms if name in t) / sum(name in t for t in self.terms)
+                for name in names}
 
     def steps(self, step: int) -> int:
         return step - self.first_step
@@ -195,25 +202,32 @@ class Periodic:
 def train_step(accelerator, model, optimizer, micro_batches: Iterable, grad_clip: float | None,
                stop_signal: torch.Tensor, loss_fn: Callable):
     """Forward and backward over the micro-batches (gradients synced after the last only), then one
-    update, skipped if the loss is not finite on any process. `loss_fn(model, micro_batch)` -> loss.
+    update, skipped if the loss is not finite on any process. `loss_fn(model, micro_batch)` -> the loss,
+    or (the loss, {name: term}) for a loss made of terms worth logging one by one.
 
-    Returns (mean loss over processes, whether any process asked to stop, grad norm if clipped).
+    Returns (mean loss over processes, whether any process asked to stop, grad norm if clipped, the
+    terms' means over processes).
     """
-    step_loss, count = torch.zeros((), device=accelerator.device), 0
+    step_loss, step_terms, count = torch.zeros((), device=accelerator.device), {}, 0
     for batch in micro_batches:
         with accelerator.accumulate(model):
             loss = loss_fn(model, batch)
+            loss, terms = loss if isinstance(loss, tuple) else (loss, {})
             accelerator.backward(loss)
         step_loss, count = step_loss + loss.detach(), count + 1
-    # One collective a step: the mean loss (non-finite if it is anywhere) and the stop requests.
-    loss_value, stop = accelerator.reduce(torch.stack([step_loss / count, stop_signal]), "mean").tolist()
+        for name, term in terms.items():
+            step_terms[name] = step_terms.get(name, 0) + term.detach().float()
+    # One collective a step: the mean loss (non-finite if it is anywhere), its terms and the stop requests.
+    means = accelerator.reduce(torch.stack([step_loss / count, *(t / count for t in step_terms.values()),
+                                            stop_signal]), "mean").tolist()
+    loss_value, stop, terms = means[0], means[-1], dict(zip(step_terms, means[1:-1]))
     grad_norm = None
     if math.isfinite(loss_value):
         if grad_clip:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip).item()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, stop > 0, grad_norm
+    return loss_value, stop > 0, grad_norm, terms
 
 
 class Trainer:
@@ -331,8 +345,8 @@ class Trainer:
             while run.step < plan.total_steps:
                 scheduler.step_update(run.step)
                 micro_batches = (next(batches) for _ in range(plan.grad_accum))
-                loss_value, stop, grad_norm = train_step(accelerator, model, optimizer, micro_batches,
-                                                         cfg.train.grad_clip, stop_signal, loss_fn)
+                loss_value, stop, grad_norm, terms = train_step(accelerator, model, optimizer, micro_batches,
+                                                                cfg.train.grad_clip, stop_signal, loss_fn)
                 if math.isfinite(loss_value):
                     bad_in_row = 0
                 else:
@@ -349,7 +363,7 @@ class Trainer:
 
                 lr = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the others down
                 log.update(loss=loss_value, lr=lr)
-                window.add(loss_value)
+                window.add(loss_value, terms)
                 last = run.step == plan.total_steps
                 if run.step % cfg.log.every == 0 or last:
                     # Corrupt samples the loader skipped (and replaced), summed over processes.
@@ -359,7 +373,7 @@ class Trainer:
                     images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
                     metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
                                "img_per_s": images_per_s, "bad_steps": run.bad_steps,
-                               "bad_samples": run.bad_samples}
+                               "bad_samples": run.bad_samples, **window.mean_terms()}
                     if grad_norm is not None:
                         metrics["grad_norm"] = grad_norm
                     if peak:

@@ -37,9 +37,10 @@ NO_DATA = """data.train is not set: point it at WebDataset shards.
 (or try the shipped sample: accelerate launch mpp/pretrain.py recipes/quickstart.yaml)"""
 
 
-def mae_loss(model, imgs: torch.Tensor) -> torch.Tensor:
-    loss, _, _ = model(imgs)
-    return loss
+def mae_loss(model, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss, and its terms when it has more than one (logged as loss_<term>)."""
+    loss, _, _, terms = model(imgs, return_terms=True)
+    return loss, (terms if len(terms) > 1 else {})
 
 
 # Pretraining's optimizer step, as mpp/bench.py times it: train_step(accelerator, model, optimizer,

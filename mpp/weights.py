@@ -104,17 +104,23 @@ def _is_decoder(parts: list[str]) -> bool:
     return bool(parts) and (parts[0] == "mask_token" or parts[0].startswith("decoder"))
 
 
+def _is_pretraining_head(parts: list[str]) -> bool:
+    """The contrastive term's projection head: only pretraining uses it, and nothing exports it."""
+    return bool(parts) and parts[0] == "projector"
+
+
 def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm VisionTransformer keys of any stage's state dict.
 
     An MAE model's encoder is `encoder.<timm key>`; its decoder (decoder_*, mask_token, and the
-    `decoder.` keys of an export made with --with-decoder) is dropped. DDP's `module.` and
-    torch.compile's `_orig_mod.` wrappers are removed. Fine-tuned states are timm keys already.
+    `decoder.` keys of an export made with --with-decoder) and its projection head (projector.*) are
+    dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed. Fine-tuned states
+    are timm keys already.
     """
     out = {}
     for key, value in state.items():
         parts = _key_parts(key)
-        if not parts or _is_decoder(parts):
+        if not parts or _is_decoder(parts) or _is_pretraining_head(parts):
             continue
         if parts[0] == "encoder":
             parts = parts[1:]

@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mpp.models import VIT_SIZES, set_fused_attn
+from mpp.models.batch_losses import contrastive_loss, uniformity_loss
 from mpp.models.mae import MAE, gather_tokens, patchify, random_masking, unpatchify
 
 
@@ -218,19 +219,16 @@ def test_encoder_position_embedding_is_fixed_sincos():
 
 def test_uniformity_loss_is_one_when_collapsed_and_one_over_batch_when_orthogonal():
     width, batch = 8, 4
-    # Every image's tokens a positive multiple of the same ones: one direction.
-    collapsed = torch.randn(1, 5, width).expand(batch, -1, -1) * (torch.rand(batch, 1, 1) + 0.5)
-    assert MAE.uniformity_loss(collapsed).item() == pytest.approx(1.0, abs=1e-6)
-    # Each image's patches average to a distinct basis vector (the class token, row 0, is ignored).
-    orthogonal = torch.zeros(batch, 3, width)
-    orthogonal[:, 0] = 5.0
-    orthogonal[torch.arange(batch), 1:, torch.arange(batch)] = 2.0
-    assert MAE.uniformity_loss(orthogonal).item() == pytest.approx(1 / batch, abs=1e-6)
+    # Every image's feature a positive multiple of the same one: one direction.
+    collapsed = torch.randn(1, width).expand(batch, -1) * (torch.rand(batch, 1) + 0.5)
+    assert uniformity_loss(collapsed).item() == pytest.approx(1.0, abs=1e-6)
+    # Each image's feature a distinct basis vector.
+    orthogonal = 2.0 * torch.eye(width)[:batch]
+    assert uniformity_loss(orthogonal).item() == pytest.approx(1 / batch, abs=1e-6)
     # Against a loop over pairs.
-    latent = torch.randn(6, 5, width, generator=torch.Generator().manual_seed(0))
-    means = latent[:, 1:].mean(1)
-    pairs = [torch.nn.functional.cosine_similarity(a, b, dim=0) ** 2 for a in means for b in means]
-    torch.testing.assert_close(MAE.uniformity_loss(latent), torch.stack(pairs).mean(), rtol=1e-5, atol=1e-6)
+    features = torch.randn(6, width, generator=torch.Generator().manual_seed(0))
+    pairs = [torch.nn.functional.cosine_similarity(a, b, dim=0) ** 2 for a in features for b in features]
+    torch.testing.assert_close(uniformity_loss(features), torch.stack(pairs).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_uniformity_weight_adds_its_term_to_the_reconstruction_loss():
@@ -243,10 +241,69 @@ def test_uniformity_weight_adds_its_term_to_the_reconstruction_loss():
     plain_loss, _, _ = plain(imgs)
     torch.manual_seed(2)
     ids_keep, _, _ = random_masking(4, 64, 0.75)
-    term = MAE.uniformity_loss(plain.forward_encoder(imgs, ids_keep))
+    term = uniformity_loss(plain.forward_encoder(imgs, ids_keep)[:, 1:].mean(1))
     torch.manual_seed(2)
     loss, _, _ = regularised(imgs)
     assert term.item() > 0.1
     torch.testing.assert_close(loss, plain_loss + 0.5 * term, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="uniformity"):
         small_mae(uniformity=-1.0)
+
+
+# ---- the contrastive term (SimCLR's NT-Xent between two views) ----
+
+def test_contrastive_loss_against_its_formula_and_a_loop():
+    batch, t = 3, 0.1
+    # Twins identical, every other pair orthogonal: each row's softmax has e^(1/t) against 2B - 2 ones.
+    z = torch.eye(2 * batch)[:batch].repeat(2, 1) * 3.0
+    expected = -torch.log(torch.tensor(1 / t).exp() / (torch.tensor(1 / t).exp() + 2 * batch - 2))
+    torch.testing.assert_close(contrastive_loss(z, t), expected, rtol=1e-5, atol=1e-6)
+    # Random embeddings against a loop over rows.
+    z = torch.randn(2 * batch, 5, generator=torch.Generator().manual_seed(0))
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    terms = []
+    for i in range(2 * batch):
+        twin = (i + batch) % (2 * batch)
+        others = [j for j in range(2 * batch) if j != i]
+        sims = torch.stack([zn[i] @ zn[j] / t for j in others])
+        terms.append(torch.logsumexp(sims, 0) - zn[i] @ zn[twin] / t)
+    torch.testing.assert_close(contrastive_loss(z, t), torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_terms_run_in_float32_under_autocast():
+    # Under bf16 autocast the B x B similarity matmul would round logits of cos / 0.1 (up to 10) by ~0.05;
+    # the terms opt out of autocast and give the float32 values.
+    z = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    exact = contrastive_loss(z, 0.1), uniformity_loss(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = contrastive_loss(z, 0.1), uniformity_loss(z)
+    for m, e in zip(mixed, exact):
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, e, rtol=1e-6, atol=1e-6)
+
+
+def test_contrastive_weight_adds_its_term_over_both_views():
+    from mpp.models.views import random_view
+    torch.manual_seed(0)
+    model = small_mae(contrastive=0.3, contrastive_temperature=0.2)
+    imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    loss, pred, mask = model(imgs)
+    assert pred.shape[0] == mask.shape[0] == 8  # the batch and its second views
+    torch.manual_seed(2)
+    both = torch.cat([imgs, random_view(imgs)])
+    ids_keep, mask_ref, ids_restore = random_masking(8, 64, 0.75)
+    latent = model.forward_encoder(both, ids_keep)
+    reconstruction = model.loss(both, model.forward_decoder(latent, ids_restore), mask_ref)
+    term = contrastive_loss(model.projector(latent[:, 1:].mean(1)), 0.2)
+    assert torch.equal(mask, mask_ref) and term.item() > 0.5
+    torch.testing.assert_close(loss, reconstruction + 0.3 * term, rtol=1e-5, atol=1e-6)
+    # In eval mode (reconstruction previews) the model is plain MAE on the images given.
+    model.eval()
+    _, pred, _ = model(imgs)
+    assert pred.shape[0] == 4
+    with pytest.raises(ValueError, match="contrastive"):
+        small_mae(contrastive=-1.0)
+    with pytest.raises(ValueError, match="contrastive_temperature"):
+        small_mae(contrastive=1.0, contrastive_temperature=0.0)
+    assert small_mae().projector is None  # plain MAE carries no head

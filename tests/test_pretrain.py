@@ -63,6 +63,7 @@ def test_loss_falls_on_real_images(e2e_run):
     assert all(0 < loss < 10 for loss in losses), losses
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(r["bad_steps"] == 0 for r in records)
+    assert not [k for r in records for k in r if k.startswith("loss_")]  # plain MAE: one term, logged as loss
     assert records[-1]["epoch"] == pytest.approx(E2E_STEPS / (5000 // 64))
     assert all(r["lr"] >= 0 for r in records) and records[-1]["lr"] > 0
 
@@ -322,11 +323,11 @@ DDP_OVERRIDES = ["train.steps=6", "train.warmup_steps=2", "train.batch_size=64",
                  "log.every=1"]
 
 
-def launch_ddp(tmp_path) -> subprocess.CompletedProcess:
+def launch_ddp(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", str(REPO / "tests" / "ddp_pretrain_check.py"), str(tmp_path / "out"),
-               *small_overrides(tmp_path / "run", *DDP_OVERRIDES)]
+               *small_overrides(tmp_path / "run", *DDP_OVERRIDES, *extra)]
     return subprocess.run(command, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
 
@@ -363,4 +364,20 @@ def test_ddp_two_cpu_processes_stay_in_lockstep(tmp_path):
     assert checkpoint_steps(tmp_path / "run") == [6]
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors")
     assert all(torch.equal(saved[k], finals[0][k]) for k in saved)
+
+
+def test_ddp_with_the_batch_terms(tmp_path):
+    # The uniformity and contrastive terms gather features across processes in the forward and send
+    # gradients back in the backward, between DDP's own collectives: the run must neither hang nor drift.
+    result = launch_ddp(tmp_path, "model.uniformity=0.1", "model.contrastive=0.1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert [i["optimizer_steps"] for i in read_ranks(tmp_path)] == [6, 6]
+    finals = [torch.load(tmp_path / "out" / f"rank{r}.pt")["final"] for r in range(2)]
+    assert any(k.startswith("projector.") for k in finals[0])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:  # the terms averaged over processes, as the loss is
+        assert r["loss"] == pytest.approx(r["loss_reconstruction"] + 0.1 * r["loss_uniformity"]
+                                          + 0.1 * r["loss_contrastive"], rel=1e-5)
 

@@ -8,6 +8,15 @@ on masked patches, optionally against per-patch normalised pixels ("norm-pix").
 cosine similarity between the batch's images, each the mean of its visible patch tokens at the encoder's
 output, which U-MAE adds against the dimensional collapse of MAE's features; one B x B matmul. On
 CIFAR-10 it lifted kNN accuracy, not the linear probe (README, quality benchmark).
+
+`contrastive` > 0 adds a SimCLR term (Chen et al., 2020), as CAN (Mishra et al., 2022) pairs it with MAE:
+each image gets a second view (`views.random_view`: crop, flip, colour distortion, made on the device),
+both views are masked and reconstructed in one pass of twice the batch, and an MLP head on each view's
+mean visible patch token is trained by NT-Xent to pick its twin among the 2B views. Each step costs
+about 1.7x a plain one on a CPU (README).
+
+Both terms compare the images of a micro-batch with each other; under DDP they see the micro-batches of
+all processes (`batch_losses`), so a run scores the same pairs on one process or many.
 """
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ from torch import nn
 from timm.layers import LayerNorm  # eps 1e-6, as timm's ViT and MAE use
 from timm.models.vision_transformer import Block
 
+from .batch_losses import contrastive_loss, uniformity_loss
+from .views import random_view
 from .vit import sincos_pos_embed, vit_encoder
 
 
@@ -55,6 +66,10 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+# The contrastive term's head, SimCLR's MLP: width -> max(width, 512) -> 128 (its output size).
+PROJECTOR_MIN_HIDDEN, PROJECTOR_DIM = 512, 128
+
+
 class MAE(nn.Module):
     def __init__(
         self,
@@ -68,6 +83,8 @@ class MAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         uniformity: float = 0.0,
+        contrastive: float = 0.0,
+        contrastive_temperature: float = 0.1,
     ):
         super().__init__()
         if not 0 < mask_ratio < 1:
@@ -80,6 +97,10 @@ class MAE(nn.Module):
         if uniformity < 0:
             raise ValueError(f"uniformity must be >= 0, got {uniformity}")
         self.uniformity = uniformity
+        if contrastive < 0 or contrastive_temperature <= 0:
+            raise ValueError(f"contrastive must be >= 0 and contrastive_temperature > 0, got {contrastive} and "
+                             f"{contrastive_temperature}")
+        self.contrastive, self.contrastive_temperature = contrastive, contrastive_temperature
         if num_visible(self.num_patches, mask_ratio) < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {self.num_patches}")
 
@@ -93,6 +114,10 @@ class MAE(nn.Module):
         ])
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
+        # Only pretraining uses the projection head; probes, fine-tuning and exports read the encoder.
+        hidden = max(width, PROJECTOR_MIN_HIDDEN)
+        self.projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(),
+                                       nn.Linear(hidden, PROJECTOR_DIM)) if contrastive else None
         self._init_weights()
 
     def _init_weights(self):
@@ -144,21 +169,26 @@ class MAE(nn.Module):
         per_patch = (pred.float() - self.target(imgs)).pow(2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    @staticmethod
-    def uniformity_loss(latent: torch.Tensor) -> torch.Tensor:
-        """U-MAE's regulariser: mean over all pairs (i, j) of the batch of cos(f_i, f_j)^2, f = the mean
-        patch token (the feature the probe reads). 1 when all images collapse to one direction; at best
-        max(1/B, 1/width), for features spread evenly over as many directions as there can be."""
-        f = nn.functional.normalize(latent[:, 1:].float().mean(dim=1), dim=-1)
-        return (f @ f.T).pow(2).mean()
-
-    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None):
-        """Returns (loss, pred (B, N, p*p*C), mask (B, N) with 1 = masked)."""
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, return_terms: bool = False):
+        """Returns (loss, pred (B, N, p*p*C), mask (B, N) with 1 = masked), and with `return_terms` the
+        loss's unweighted terms by name, for logging. In training with the contrastive term on, pred and
+        mask cover both views, (2B, ...), the second half being `random_view`'s."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        # The batch terms are training's only (they gather across processes under DDP, and a preview
+        # runs on one process).
+        contrast, uniform = self.training and self.contrastive > 0, self.training and self.uniformity > 0
+        if contrast:
+            imgs = torch.cat([imgs, random_view(imgs)])
         ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, ratio, imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.loss(imgs, pred, mask)
-        if self.uniformity:
-            loss = loss + self.uniformity * self.uniformity_loss(latent)
-        return loss, pred, mask
+        terms = {"reconstruction": self.loss(imgs, pred, mask)}
+        loss = terms["reconstruction"]
+        pooled = latent[:, 1:].mean(dim=1)  # each view's mean visible patch token: the feature the probe reads
+        if uniform:
+            terms["uniformity"] = uniformity_loss(pooled)
+            loss = loss + self.uniformity * terms["uniformity"]
+        if contrast:
+            terms["contrastive"] = contrastive_loss(self.projector(pooled), self.contrastive_temperature)
+            loss = loss + self.contrastive * terms["contrastive"]
+        return (loss, pred, mask, terms) if return_terms else (loss, pred, mask)

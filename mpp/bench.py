@@ -2,6 +2,7 @@
 
     python -m mpp.bench train [RECIPE] [key=value ...] [--steps N] [--warmup N] [--json]
     python -m mpp.bench loader SPEC [--img-size 224] [--workers 1 2] [--batch 64] [--limit N] [--json]
+    python -m mpp.bench views [--batch 128] [--img-size 32] [--json]
 
 `train` times pretraining steps of the recipe's model (default recipes/base.yaml) on synthetic
 uint8 images of its shape, through the same build_training/train_step as mpp/pretrain.py, with
@@ -12,6 +13,9 @@ JPEGs (PIL open + convert to RGB, bytes read from the shards beforehand so no IO
 ceiling of one worker), then for each worker count the pretrain-mode ShardLoader and a naive
 `webdataset ... .decode("pil")` + torchvision transforms pipeline, in images/s per worker and in total,
 and where one image's time goes (decode, crop + resize, tar read, the rest of the loader), stage by stage.
+
+`views` times the contrastive term's second view on a batch: mpp's batched `random_view` against
+torchvision's v2 transforms called per image.
 """
 from __future__ import annotations
 
@@ -288,6 +292,32 @@ def print_loader(result: dict) -> None:
           f"(a worker's CPU time per image: {parts['worker']:.3f} ms)")
 
 
+def bench_views(batch: int, img_size: int, trials: int = 5) -> dict:
+    """The contrastive term's second view: mpp's batched random_view against torchvision's v2 transforms
+    (the same crop, flip, colour jitter without hue, and grey), which draw one set of parameters per call and need
+    a call per image. Best of `trials`, in ms per batch."""
+    from torchvision.transforms import v2 as T
+
+    from mpp.models.views import random_view
+
+    imgs = torch.rand(batch, 3, img_size, img_size)
+    per_image = T.Compose([T.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=False),
+                           T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4)], p=0.8),
+                           T.RandomGrayscale(0.2)])
+    candidates = {"random_view_ms": lambda: random_view(imgs),
+                  "torchvision_per_image_ms": lambda: torch.stack([per_image(img) for img in imgs])}
+    result = {"batch": batch, "img_size": img_size}
+    for name, fn in candidates.items():
+        fn()
+        times = []
+        for _ in range(trials):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        result[name] = 1e3 * min(times)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpp.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -306,7 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     loader.add_argument("--shuffle-buffer", type=int, default=1000)
     loader.add_argument("--trials", type=int, default=3, help="runs of each measurement; the best counts (default 3)")
     loader.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    views = sub.add_parser("views", help="the contrastive term's second view: batched against per-image torchvision")
+    views.add_argument("--batch", type=int, default=128)
+    views.add_argument("--img-size", type=int, default=32)
+    views.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+
+    if args.bench == "views":
+        result = bench_views(args.batch, args.img_size)
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>24}: {v:.4g}" for k, v in result.items()))
+        return 0
 
     if args.bench == "loader":
         try:

@@ -67,21 +67,21 @@ class Window:
     """Loss, the loss's terms and throughput since the last metrics record."""
 
     def __init__(self, step: int):
-        self.first_step, self.start, self.losses, self.terms = step, time.perf_counter(), [], []
+        self.first_step, self.start, self.losses, self.term_sums = step, time.perf_counter(), [], {}
 
     def add(self, loss: float, terms: dict[str, float] | None = None) -> None:
+        """Finite steps only; every step of a run reports the same terms."""
         if math.isfinite(loss):
             self.losses.append(loss)
-            self.terms.append(terms or {})
+            for name, value in (terms or {}).items():
+                self.term_sums[name] = self.term_sums.get(name, 0.0) + value
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
     def mean_terms(self) -> dict[str, float]:
-        """Each term's mean over the steps that reported it, as `loss_<term>`."""
-        names = dict.fromkeys(name for terms in self.terms for name in terms)
-        return {f"loss_{name}": sum(t[name] for t in self.terms if name in t) / sum(name in t for t in self.terms)
-                for name in names}
+        """Each term's mean over the window, as `loss_<term>`."""
+        return {f"loss_{name}": total / len(self.losses) for name, total in self.term_sums.items()}
 
     def steps(self, step: int) -> int:
         return step - self.first_step

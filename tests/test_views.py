@@ -4,13 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from conftest import SAMPLE_DATA
 from mpp.config import IMAGENET_MEAN, IMAGENET_STD
 from mpp.data import normalizer, preview_images
 from mpp.data.shards import resolve_shards
-from mpp.models.views import color_distort, crop_boxes, random_view
+from mpp.models.views import color_distort, crop_boxes, random_view, resized_crops
 
 
 
@@ -41,10 +40,10 @@ def test_crop_boxes_follow_random_resized_crop_and_fit_the_image():
 
 
 def test_crop_is_a_bilinear_resize_of_the_box(images):
-    # A box on whole pixels, 16 x 16 from (4, 8), upsampled 2x: inside, roi_align's bilinear samples equal
+    # A box on whole pixels, 16 x 16 from (4, 8), upsampled 2x: inside, the bilinear samples equal
     # F.interpolate of the cut-out region (at the edges roi_align reads the neighbouring pixels instead).
     boxes = torch.tensor([[float(i), 4.0, 8.0, 20.0, 24.0] for i in range(len(images))])
-    crops = roi_align(images, boxes, (32, 32), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    crops = resized_crops(images, boxes)
     reference = F.interpolate(images[:, :, 8:24, 4:20], size=(32, 32), mode="bilinear", align_corners=False)
     torch.testing.assert_close(crops[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
 

@@ -45,6 +45,12 @@ def crop_boxes(batch: int, size: tuple[int, int], scale: tuple[float, float], ra
     return torch.stack([index, x1, y1, x1 + bw, y1 + bh], dim=1)
 
 
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each box of `crop_boxes` cut from its image and resized to the image's size, bilinear: roi_align
+    with aligned=True and one sample per output pixel (a full box returns the image)."""
+    return roi_align(x, boxes, tuple(x.shape[-2:]), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
 def color_distort(x: torch.Tensor, strength: float, color_p: float, gray_p: float, generator=None) -> torch.Tensor:
     """SimCLR-style colour distortion of a normalised float batch (B, C, H, W), each sample its own.
 
@@ -69,9 +75,7 @@ def random_view(imgs: torch.Tensor, scale: tuple[float, float] = (0.25, 1.0), ra
     """A random crop (resized back to the batch's size), flip and colour distortion of each image."""
     b, _, h, w = imgs.shape
     x = imgs.float()
-    boxes = crop_boxes(b, (h, w), scale, ratio, x.device, generator)
-    # aligned=True, one sample per output pixel: plain bilinear resampling (a full box returns the image).
-    x = roi_align(x, boxes, (h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    x = resized_crops(x, crop_boxes(b, (h, w), scale, ratio, x.device, generator))
     flip = torch.rand(b, device=x.device, generator=generator) < 0.5
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
     return color_distort(x, strength, color_p, gray_p, generator).to(imgs.dtype)

@@ -105,8 +105,9 @@ def _is_decoder(parts: list[str]) -> bool:
 
 
 def _is_pretraining_head(parts: list[str]) -> bool:
-    """The contrastive term's projection head: only pretraining uses it, and nothing exports it."""
-    return bool(parts) and parts[0] == "projector"
+    """The contrastive term's projection head and the fusion of blocks into the decoder's input: only
+    pretraining uses them, and nothing exports them."""
+    return bool(parts) and parts[0] in ("projector", "fusion_proj", "fusion_weights")
 
 
 def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -307,3 +307,43 @@ def test_contrastive_weight_adds_its_term_over_both_views():
     with pytest.raises(ValueError, match="contrastive_temperature"):
         small_mae(contrastive=1.0, contrastive_temperature=0.0)
     assert small_mae().projector is None  # plain MAE carries no head
+
+
+# ---- fuse_blocks (MFF): earlier blocks' outputs join the last one's in the decoder's input ----
+
+def test_fuse_blocks_feeds_the_decoder_a_weighted_sum_of_blocks():
+    torch.manual_seed(0)
+    model = small_mae(fuse_blocks=[3, 1])
+    with torch.no_grad():
+        model.fusion_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))  # blocks 1, 3 and the last (11)
+    imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids_keep, _, _ = random_masking(3, 64, 0.75, generator=torch.Generator().manual_seed(2))
+    # The reference: the same tokens through the blocks one by one.
+    enc = model.encoder
+    x = gather_tokens(enc.patch_embed(imgs) + enc.pos_embed[:, 1:], ids_keep)
+    x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(3, -1, -1), x], dim=1)
+    outputs = []
+    for block in enc.blocks:
+        x = block(x)
+        outputs.append(x)
+    w = torch.tensor([0.5, -1.0, 2.0]).softmax(0)
+    expected = enc.norm(w[0] * model.fusion_proj[0](outputs[1]) + w[1] * model.fusion_proj[1](outputs[3])
+                        + w[2] * outputs[11])
+    torch.testing.assert_close(model.forward_encoder(imgs, ids_keep), expected, rtol=1e-5, atol=1e-5)
+    # Without fused blocks the decoder reads the last block alone (MAE), and no fusion weights exist.
+    plain = small_mae()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(plain.forward_encoder(imgs, ids_keep), enc.norm(outputs[11]), rtol=1e-5, atol=1e-5)
+    assert plain.fusion_weights is None and len(plain.fusion_proj) == 0
+
+
+def test_fuse_blocks_train_their_layers_and_weights_and_reject_bad_indices():
+    torch.manual_seed(0)
+    model = small_mae(fuse_blocks=[0, 5])
+    loss, _, _ = model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    loss.backward()
+    assert model.fusion_weights.grad.abs().min() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion_proj.parameters())
+    for bad in ([11], [-1], [12]):  # the last block is always fused; indices are 0-based
+        with pytest.raises(ValueError, match=r"fuse_blocks .*blocks 0 to 10 of the 12-block encoder"):
+            small_mae(fuse_blocks=bad)

@@ -75,16 +75,17 @@ def test_colour_distortion(images):
 
 
 def test_contrastive_pretraining_run_hands_its_encoder_on(tmp_path):
-    """A pretraining run with the contrastive term on the sample: it logs each term of its loss, and its
-    checkpoint, projection head and all, loads into the probe's encoder with nothing left over, equal to
-    the trained encoder."""
+    """A pretraining run with the contrastive term and fused blocks on the sample: it logs each term of its
+    loss, and its checkpoint, projection head and fusion layers and all, loads into the probe's encoder with
+    nothing left over, equal to the trained encoder."""
     from conftest import quick_config, read_metrics, run_train
     from mpp.features import build_encoder
 
     cfg = quick_config(tmp_path / "run", "train.steps=4", "log.every=2", "model.contrastive=0.5",
-                       "checkpoint.every=4")
+                       "model.fuse_blocks=[1,5]", "checkpoint.every=4")
     model = run_train(cfg)
-    assert model.projector is not None
+    assert model.projector is not None and len(model.fusion_proj) == 2
+    assert not torch.equal(model.fusion_weights.detach(), torch.ones(3))  # trained
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
     for r in records:  # each term logged beside the loss it makes up

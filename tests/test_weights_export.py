@@ -320,7 +320,8 @@ def test_vit_state_maps_any_stage_to_timm_keys():
     w = torch.zeros(1)
     state = {"module._orig_mod.encoder.blocks.0.attn.qkv.weight": w, "encoder.cls_token": w, "mask_token": w,
              "decoder_embed.weight": w, "decoder_pos_embed": w, "decoder.decoder_pred.bias": w, "head.weight": w,
-             "_orig_mod.fc_norm.bias": w, "module.projector.0.weight": w}  # projector: the contrastive term's head
+             "_orig_mod.fc_norm.bias": w, "module.projector.0.weight": w,  # projector: the contrastive term's head
+             "fusion_proj.0.weight": w, "module.fusion_weights": w}  # fusion_*: fuse_blocks' layers
     assert set(vit_state(state)) == {"blocks.0.attn.qkv.weight", "cls_token", "head.weight", "fc_norm.bias"}
     assert set(decoder_state(state)) == {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.bias"}
 

@@ -101,21 +101,22 @@ def _key_parts(key: str) -> list[str]:
 
 
 def _is_decoder(parts: list[str]) -> bool:
-    return bool(parts) and (parts[0] == "mask_token" or parts[0].startswith("decoder"))
+    # fusion_*: model.fuse_blocks' layers, which make the decoder's input: a reconstruction needs them.
+    return bool(parts) and (parts[0] in ("mask_token", "fusion_proj", "fusion_weights")
+                            or parts[0].startswith("decoder"))
 
 
 def _is_pretraining_head(parts: list[str]) -> bool:
-    """The contrastive term's projection head and the fusion of blocks into the decoder's input: only
-    pretraining uses them, and nothing exports them."""
-    return bool(parts) and parts[0] in ("projector", "fusion_proj", "fusion_weights")
+    """The contrastive term's projection head: only pretraining uses it, and nothing exports it."""
+    return bool(parts) and parts[0] == "projector"
 
 
 def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm VisionTransformer keys of any stage's state dict.
 
-    An MAE model's encoder is `encoder.<timm key>`; its decoder (decoder_*, mask_token, and the
-    `decoder.` keys of an export made with --with-decoder) and its projection head (projector.*) are
-    dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed. Fine-tuned states
+    An MAE model's encoder is `encoder.<timm key>`; its decoder (decoder_*, mask_token, fuse_blocks'
+    fusion_*, and the `decoder.` keys of an export made with --with-decoder) and its projection head
+    (projector.*) are dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed. Fine-tuned states
     are timm keys already.
     """
     out = {}
@@ -130,7 +131,7 @@ def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MAE decoder's weights under MAE's own keys (decoder_*, mask_token), from an MAE state or
+    """The MAE decoder's weights under MAE's own keys (decoder_*, mask_token, fusion_*), from an MAE state or
     an export made with --with-decoder; empty if there is no decoder."""
     out = {}
     for key, value in state.items():

@@ -321,9 +321,10 @@ def test_vit_state_maps_any_stage_to_timm_keys():
     state = {"module._orig_mod.encoder.blocks.0.attn.qkv.weight": w, "encoder.cls_token": w, "mask_token": w,
              "decoder_embed.weight": w, "decoder_pos_embed": w, "decoder.decoder_pred.bias": w, "head.weight": w,
              "_orig_mod.fc_norm.bias": w, "module.projector.0.weight": w,  # projector: the contrastive term's head
-             "fusion_proj.0.weight": w, "module.fusion_weights": w}  # fusion_*: fuse_blocks' layers
+             "fusion_proj.0.weight": w, "module.fusion_weights": w}  # fusion_*: fuse_blocks' layers, the decoder's input
     assert set(vit_state(state)) == {"blocks.0.attn.qkv.weight", "cls_token", "head.weight", "fc_norm.bias"}
-    assert set(decoder_state(state)) == {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.bias"}
+    assert set(decoder_state(state)) == {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.bias",
+                                         "fusion_proj.0.weight", "fusion_weights"}
 
 
 def test_missing_weights_fail_clearly(tmp_path):
@@ -342,3 +343,23 @@ def test_missing_weights_fail_clearly(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "nowhere" in lines[0] and lines[0].startswith("mpp.export: error:"), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+def test_fused_blocks_travel_with_the_decoder():
+    # model.fuse_blocks' layers make the decoder's input: --with-decoder's keys carry them, so the whole MAE
+    # comes back from an export; the encoder alone never holds them.
+    from mpp.models.mae import MAE
+    from mpp.weights import DECODER_PREFIX
+    args = dict(encoder="tiny", img_size=32, patch_size=4, decoder_dim=64, decoder_depth=1, decoder_heads=4,
+                fuse_blocks=[2, 7])
+    torch.manual_seed(0)
+    source = MAE(**args)
+    state = source.state_dict()
+    exported = {**vit_state(state), **{DECODER_PREFIX + k: v for k, v in decoder_state(state).items()}}  # export's keys
+    assert {"decoder.fusion_weights", "decoder.fusion_proj.1.bias"} <= set(exported)
+    assert not any("fusion" in k for k in vit_state(state))
+    torch.manual_seed(1)
+    restored = MAE(**args)
+    restored.load_state_dict(mae_state(exported), strict=True)
+    for key, value in state.items():
+        assert torch.equal(restored.state_dict()[key], value), key

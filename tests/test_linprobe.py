@@ -201,4 +201,3 @@ def test_probe_of_pretrained_checkpoint_beats_random_init(tmp_path):
     assert scores["pretrained"]["num_eval"] == scores["random"]["num_eval"] == 1000
     shown = {k: (v["top1"], v["knn"]["top1"]) for k, v in scores.items()}
     assert scores["pretrained"]["top1"] >= scores["random"]["top1"] + 0.02, shown  # measured: +3.6 points
-

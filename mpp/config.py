@@ -185,7 +185,8 @@ class ModelConfig:
     uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over the micro-batch (0: plain MAE)
     contrastive: float = 0.0        # weight of a SimCLR term between each image and a second view of it (0: plain MAE)
     contrastive_temperature: float = 0.1  # the contrastive term's softmax temperature
-    fuse_blocks: list[int] = dataclasses.field(default_factory=list)  # earlier encoder blocks (0-based) fused with the last into the decoder's input (MFF); []: MAE
+    # Earlier encoder blocks (0-based) fused with the last into the decoder's input (MFF); []: plain MAE.
+    fuse_blocks: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ def build_encoder(model_cfg, ckpt) -> tuple[torch.nn.Module, list[str]]:
     """The recipe's encoder (timm VisionTransformer, eval mode, frozen) with `ckpt`'s weights; ckpt None or
     "none": random initialisation (seed it first), the baseline. The baseline is initialised as pretraining
     initialises it (model.objective's init, e.g. MAE's xavier): pretraining's starting point in distribution,
-    though not the same draw when the recipe's decoder differs from the run's (it is built first). On
+    not the same draw: pretraining builds its decoder before it initialises, which moves the generator. On
     CIFAR-10, timm's own init probed 31.4% and MAE's 36.2% (README, quality benchmark)."""
     if ckpt is None or is_random_init(ckpt):
         vit = build_model(model_cfg).encoder

@@ -102,8 +102,7 @@ def _key_parts(key: str) -> list[str]:
 
 def _is_decoder(parts: list[str]) -> bool:
     # fusion_*: model.fuse_blocks' layers, which make the decoder's input: a reconstruction needs them.
-    return bool(parts) and (parts[0] in ("mask_token", "fusion_proj", "fusion_weights")
-                            or parts[0].startswith("decoder"))
+    return bool(parts) and (parts[0] == "mask_token" or parts[0].startswith(("decoder", "fusion_")))
 
 
 def _is_pretraining_head(parts: list[str]) -> bool:
@@ -116,8 +115,8 @@ def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     An MAE model's encoder is `encoder.<timm key>`; its decoder (decoder_*, mask_token, fuse_blocks'
     fusion_*, and the `decoder.` keys of an export made with --with-decoder) and its projection head
-    (projector.*) are dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed. Fine-tuned states
-    are timm keys already.
+    (projector.*) are dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed.
+    Fine-tuned states are timm keys already.
     """
     out = {}
     for key, value in state.items():

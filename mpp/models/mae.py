@@ -152,7 +152,7 @@ class MAE(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names timm's optimizer factory keeps out of weight decay (norms and biases it finds itself)."""
-        return {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed", "fusion_weights"}
+        return {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
 
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         enc = self.encoder

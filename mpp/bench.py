@@ -3,6 +3,7 @@
     python -m mpp.bench train [RECIPE] [key=value ...] [--steps N] [--warmup N] [--json]
     python -m mpp.bench loader SPEC [--img-size 224] [--workers 1 2] [--batch 64] [--limit N] [--json]
     python -m mpp.bench views [--batch 128] [--img-size 32] [--json]
+    python -m mpp.bench adamw [RECIPE] [key=value ...] [--json]
 
 `train` times pretraining steps of the recipe's model (default recipes/base.yaml) on synthetic
 uint8 images of its shape, through the same build_training/train_step as mpp/pretrain.py, with
@@ -16,6 +17,9 @@ and where one image's time goes (decode, crop + resize, tar read, the rest of th
 
 `views` times the contrastive term's second view on a batch: mpp's batched `random_view` against
 torchvision's v2 transforms called per image.
+
+`adamw` times one optimizer step over the recipe's model (random gradients): torch's fused AdamW kernel,
+which mpp uses, against the per-tensor loop that torch otherwise runs on CPUs.
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ def bench_train(cfg: PretrainConfig, steps: int, warmup: int) -> dict:
     for _ in range(steps):
         loss = step()  # returns a Python float: each step ends synchronised
     seconds = (time.perf_counter() - start) / steps
-    flops = train_flops_per_image(accelerator.unwrap_model(model), cfg.model.img_size, cfg.model.in_chans, device)
+    eager = accelerator.unwrap_model(model, keep_torch_compile=False)
+    flops = train_flops_per_image(eager, cfg.model.img_size, cfg.model.in_chans, device)
     peak = device_peak_flops(device, cfg.train.mixed_precision, cfg.log.peak_tflops)
     images_per_s = batch / seconds
     result = {
@@ -318,6 +323,32 @@ def bench_views(batch: int, img_size: int, trials: int = 5) -> dict:
     return result
 
 
+def bench_adamw(cfg: PretrainConfig, steps: int = 20, trials: int = 3) -> dict:
+    """ms per optimizer.step() of mpp's AdamW on the recipe's model, fused and as a per-tensor loop; best of
+    `trials` runs of `steps` steps, on the CPU."""
+    from mpp.engine import adamw
+    from mpp.models import build_model
+
+    set_cpu_threads(cfg, torch.device("cpu"))
+    model = build_model(cfg.model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    result = {"tensors": sum(1 for _ in model.parameters()), "threads": torch.get_num_threads()}
+    for name, fused in (("fused_ms", True), ("per_tensor_ms", False)):
+        optimizer = adamw(model, 1e-4, cfg.optim, torch.device("cpu"))
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+        optimizer.step()
+        times = []
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            times.append((time.perf_counter() - start) / steps)
+        result[name] = 1e3 * min(times)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpp.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -340,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     views.add_argument("--batch", type=int, default=128)
     views.add_argument("--img-size", type=int, default=32)
     views.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    adamw = sub.add_parser("adamw", help="one AdamW step over the recipe's model: fused against per tensor")
+    adamw.add_argument("args", nargs="*", help="[RECIPE] key=value ...")
+    adamw.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
 
     if args.bench == "views":
@@ -368,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = bench_train(cfg, args.steps, args.warmup)
+    result = bench_train(cfg, args.steps, args.warmup) if args.bench == "train" else bench_adamw(cfg)
     if args.json:
         print(json.dumps(result))
     else:

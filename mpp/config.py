@@ -212,7 +212,7 @@ class TrainConfig:
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     grad_clip: Union[float, None] = None
     fused_attn: Union[bool, None] = None  # null: fused kernel on GPU, explicit matmuls on CPU (faster there)
-    compile: bool = False           # torch.compile the model (helps on GPU; no gain measured on CPU)
+    compile: bool = False           # torch.compile the model: 1.25x on an AMX CPU, none on an AVX-512 one (README)
     cpu_threads: Union[int, None] = None  # on CPU; null: this process's cores / processes on the machine
     max_bad_steps: int = 10         # consecutive non-finite losses that stop the run
 

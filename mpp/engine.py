@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
@@ -119,6 +120,18 @@ def cosine_schedule(optimizer, plan: Schedule, min_lr: float) -> CosineLRSchedul
     multiplies each parameter group's `lr_scale` in (layer-wise lr decay)."""
     return CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps, warmup_t=plan.warmup_steps,
                              warmup_prefix=True, warmup_lr_init=0.0, lr_min=min_lr, t_in_epochs=False)
+
+
+# Devices with torch's fused AdamW kernel: one pass over all tensors instead of ~10 ops per tensor.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(model, lr: float, optim, device: torch.device, **timm_kwargs):
+    """timm's AdamW for `model` (no decay on 1-d tensors and model.no_weight_decay(); timm_kwargs such as
+    layer_decay pass through), with torch's fused kernel where the device has one: its step took 4 ms against
+    20 ms for the per-tensor loop on the ViT-Tiny/4 MAE's 191 tensors on 2 CPU cores (README, "Performance")."""
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+                               fused=device.type in FUSED_ADAMW_DEVICES, **timm_kwargs)
 
 
 def effective_precision(accelerator) -> str:
@@ -322,7 +335,7 @@ class Trainer:
         non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. Returns whether the run
         is complete."""
         cfg, accelerator = self.cfg, self.accelerator
-        raw_model = accelerator.unwrap_model(model)
+        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
         flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans,
                                                 accelerator.device)
         peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)

@@ -26,7 +26,6 @@ from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from mpp import engine
@@ -70,11 +69,10 @@ def build_classifier(cfg: FinetuneRunConfig, num_classes: int) -> torch.nn.Modul
     return vit
 
 
-def build_optimizer(cfg: FinetuneRunConfig, model, lr: float):
+def build_optimizer(cfg: FinetuneRunConfig, model, lr: float, device: torch.device):
     """AdamW over timm's layer-decay groups: block i's lr scaled by layer_decay^(depth - i), the embeddings
     by layer_decay^(depth + 1), fc_norm and head by 1; no weight decay on 1-d tensors, tokens, pos_embed."""
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas), layer_decay=cfg.finetune.layer_decay)
+    return engine.adamw(model, lr, cfg.optim, device, layer_decay=cfg.finetune.layer_decay)
 
 
 def build_loss(f, num_classes: int):
@@ -152,12 +150,12 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
         for note in notes:
             accelerator.print(f"note: {note}")
 
-        optimizer = build_optimizer(cfg, model, plan.lr)
+        optimizer = build_optimizer(cfg, model, plan.lr, accelerator.device)
         scheduler = cosine_schedule(optimizer, plan, cfg.optim.min_lr)
         model.to(accelerator.device)
         ema = ModelEmaV3(model, decay=f.ema_decay) if f.ema else None
         model, optimizer = accelerator.prepare(model, optimizer)
-        raw_model = accelerator.unwrap_model(model)
+        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
         if ema is not None:
             ema.set(raw_model)  # DDP broadcast process 0's weights: the average starts from them everywhere
         run = trainer.restore(scheduler, plan, loader, *([ema] if ema is not None else []))

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 
 import torch
-from timm.optim import create_optimizer_v2
 
 from mpp import engine
 from mpp.config import ConfigError, PretrainConfig
@@ -52,8 +51,7 @@ def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
     """The model, its AdamW (no decay on norms, biases, tokens, position embeddings) and the lr schedule."""
     model = build_model(cfg.model)
     set_fused_attn(model, fused_attn(cfg, device))
-    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=cfg.optim.weight_decay,
-                                    betas=tuple(cfg.optim.betas))
+    optimizer = engine.adamw(model, plan.lr, cfg.optim, device)
     return model, optimizer, cosine_schedule(optimizer, plan, cfg.optim.min_lr)
 
 
@@ -73,7 +71,9 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
         model, optimizer = accelerator.prepare(model, optimizer)
         run = trainer.restore(scheduler, plan, loader)  # the loader's state: its epoch and batches consumed
 
-        raw_model = accelerator.unwrap_model(model)
+        # Previews and kNN run the module itself: under train.compile they would each compile graphs of their own
+        # (eval mode, no grad) for a call every thousand steps.
+        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)
         batches = (to_input(batch["image"]) for batch in loader.forever())
         output_dir = trainer.output_dir

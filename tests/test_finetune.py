@@ -146,7 +146,7 @@ def test_checkpoint_of_another_patch_size_names_both_shapes(pretrained, tmp_path
 def test_layer_decay_scales_each_blocks_lr():
     cfg = load_config(FinetuneRunConfig, RECIPE, ["model.encoder=tiny", "finetune.layer_decay=0.5"])
     model = finetune.build_classifier(cfg, num_classes=10)
-    optimizer = finetune.build_optimizer(cfg, model, lr=1e-3)
+    optimizer = finetune.build_optimizer(cfg, model, lr=1e-3, device=torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

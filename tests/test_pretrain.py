@@ -134,6 +134,34 @@ def test_checkpoint_holds_model_optimizer_schedule_rng_and_config(e2e_run):
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == to_dict(cfg)
 
 
+def test_fused_adamw_steps_as_the_per_tensor_loop():
+    # engine.adamw asks torch for its fused kernel (one pass over all tensors); given the same gradients, over
+    # timm's two parameter groups, it must move every weight as the plain per-tensor AdamW does.
+    from mpp.engine import adamw
+    from mpp.models import build_model
+    cfg = load_config(PretrainConfig, QUICKSTART, [])
+    torch.manual_seed(0)
+    fused_model, loop_model = build_model(cfg.model), build_model(cfg.model)
+    start = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    loop_model.load_state_dict(start)
+    fused = adamw(fused_model, 1e-3, cfg.optim, torch.device("cpu"))
+    loop = adamw(loop_model, 1e-3, cfg.optim, torch.device("cpu"))
+    for group in loop.param_groups:
+        group["fused"] = False
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.0, cfg.optim.weight_decay]
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for p, q in zip(fused_model.parameters(), loop_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    a, b = fused_model.state_dict(), loop_model.state_dict()
+    assert all(torch.equal(a[k], start[k]) != p.requires_grad for k, p in fused_model.named_parameters())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
 def copy_run(out, dest, config: bool = False):
     """The newest checkpoint (and optionally config.yaml) of run `out` in a fresh output_dir `dest`."""
     name = f"step_{E2E_STEPS:08d}"

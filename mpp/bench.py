@@ -331,9 +331,10 @@ def bench_adamw(cfg: PretrainConfig, steps: int = 20, trials: int = 3) -> dict:
 
     set_cpu_threads(cfg, torch.device("cpu"))
     model = build_model(cfg.model)
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what the optimizer holds
+    for p in trainable:
         p.grad = torch.randn_like(p)
-    result = {"tensors": sum(1 for _ in model.parameters()), "threads": torch.get_num_threads()}
+    result = {"tensors": len(trainable), "threads": torch.get_num_threads()}
     for name, fused in (("fused_ms", True), ("per_tensor_ms", False)):
         optimizer = adamw(model, 1e-4, cfg.optim, torch.device("cpu"))
         for group in optimizer.param_groups:

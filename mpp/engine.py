@@ -129,7 +129,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 def adamw(model, lr: float, optim, device: torch.device, **timm_kwargs):
     """timm's AdamW for `model` (no decay on 1-d tensors and model.no_weight_decay(); timm_kwargs such as
     layer_decay pass through), with torch's fused kernel where the device has one: its step took 4 ms against
-    20 ms for the per-tensor loop on the ViT-Tiny/4 MAE's 191 tensors on 2 CPU cores (README, "Performance")."""
+    20 ms for the per-tensor loop on the ViT-Tiny/4 MAE's 191 trainable tensors on 2 CPU cores (README, "Performance")."""
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
                                fused=device.type in FUSED_ADAMW_DEVICES, **timm_kwargs)
 

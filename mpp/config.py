@@ -79,7 +79,10 @@ def from_dict(schema: type, data: dict, prefix: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(prefix + k for k in fields))}"
             raise ConfigError(f"unknown config key {name!r}{hint}")
         kwargs[key] = _check(hints[key], value, name)
-    return schema(**kwargs)
+    cfg = schema(**kwargs)
+    if hasattr(cfg, "validate"):  # checks across keys, e.g. combinations that cannot be built
+        cfg.validate(prefix)
+    return cfg
 
 
 def _nested_keys(schema: type, prefix: str) -> list[str]:
@@ -171,22 +174,65 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclasses.dataclass
+class MaskConfig:
+    """model.mask: which tokens are hidden (mpp/models/masking.py)."""
+    kind: str = "random"            # random (MAE) | block (BEiT's rectangles)
+    ratio: float = 0.75             # fraction of mask units hidden (vit_mpp: corrupted), exact per image
+    unit: int = 1                   # mask square groups of unit x unit tokens (SimMIM: 2 = 32 px on patch 16)
+    min_block: int = 16             # block: the smallest rectangle drawn, in units (BEiT: 16)
+    schedule: str = "constant"      # the ratio over the run: constant | linear | cosine, from ratio to ratio_end
+    ratio_end: Union[float, None] = None  # the ratio at the last step (linear, cosine)
+
+
+@dataclasses.dataclass
+class TargetConfig:
+    """model.target: what is predicted for each scored patch (mpp/models/targets.py); each key is read only by
+    the kind it names."""
+    kind: str = "pixels"            # pixels | mean_color (the ViT paper's) | hog (MaskFeat's)
+    norm_pix: bool = True           # pixels: per-patch normalised pixels (MAE)
+    loss: Literal["l2", "l1"] = "l2"  # pixels: l2 (MAE) | l1 (SimMIM)
+    bits: int = 3                   # mean_color: levels per channel = 2^bits (3: 512 classes)
+    hog_cell: Union[int, None] = None  # hog: cell size in pixels; null: half the patch (MaskFeat: 8 on patch 16)
+    hog_bins: int = 9               # hog: unsigned orientation bins
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """model.decoder: MAE's transformer decoder (objective mae only)."""
+    dim: int = 512
+    depth: int = 8
+    heads: int = 16
+
+
+@dataclasses.dataclass
+class CorruptionConfig:
+    """model.corruption: what becomes of the corrupted tokens (objective vit_mpp only); the rest stay unchanged."""
+    mask_token: float = 0.8         # replaced by the learned [mask] embedding
+    random_patch: float = 0.1       # replaced by the embedding of another (uncorrupted) patch of the image
+
+
+@dataclasses.dataclass
 class ModelConfig:
-    objective: str = "mae"          # pretraining method (models.OBJECTIVES)
+    objective: str = "mae"          # mae | simmim | vit_mpp (mpp.models.OBJECTIVES)
+    tokenizer: str = "patch"        # how pixels become tokens (mpp.models.TOKENIZERS)
     encoder: str = "base"           # ViT size: tiny | small | base | large | huge
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True      # targets are per-patch normalised pixels
-    uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over the micro-batch (0: plain MAE)
-    contrastive: float = 0.0        # weight of a SimCLR term between each image and a second view of it (0: plain MAE)
-    contrastive_temperature: float = 0.1  # the contrastive term's softmax temperature
-    # Earlier encoder blocks (0-based) fused with the last into the decoder's input (MFF); []: plain MAE.
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos (MAE) or learned (the ViT paper)
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    corruption: CorruptionConfig = dataclasses.field(default_factory=CorruptionConfig)
+    # Earlier encoder blocks (0-based) fused with the last into the head's input (MFF); []: none.
     fuse_blocks: list[int] = dataclasses.field(default_factory=list)
+    uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over the micro-batch (0: off)
+    contrastive: float = 0.0        # weight of a SimCLR term between each image and a second view of it (0: off)
+    contrastive_temperature: float = 0.1  # the contrastive term's softmax temperature
+
+    def validate(self, prefix: str) -> None:
+        from mpp.models import check_model_config
+        check_model_config(self, prefix)
 
 
 @dataclasses.dataclass

@@ -10,10 +10,11 @@ stored in the file's metadata. The overlay sets:
 - input_size, mean, std: what the encoder was trained on, so timm.data.resolve_model_data_config
   builds the right preprocessing.
 
---with-decoder adds MAE's decoder for reconstruction demos, under `decoder.<MAE key>` (a bare
-`mask_token` key would make timm's checkpoint filter take the file for a DINOv2 one). mpp reads such a
-file back: load_into_vit for the encoder, MAE(...).load_state_dict(weights.mae_state(state)) for the whole
-model; timm loads its encoder with pretrained_strict=False (the printed call says so).
+--with-decoder adds what a reconstruction needs beside the encoder (the objective's head and block fusion)
+for demos, under `decoder.<model key>` (a bare `mask_token` key would make timm's checkpoint filter take
+the file for a DINOv2 one). mpp reads such a file back: load_into_vit for the encoder,
+build_model(...).load_state_dict(weights.model_state(state), strict=False) for the whole model; timm loads
+its encoder with pretrained_strict=False (the printed call says so).
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
     if with_decoder:
         decoder = decoder_state(raw)
         if not decoder:
-            raise ValueError(f"--with-decoder: {ckpt} has no MAE decoder (is it a pretraining checkpoint?)")
+            raise ValueError(f"--with-decoder: {ckpt} has no pretraining head (is it a pretraining checkpoint?)")
         state = {**state, **{DECODER_PREFIX + k: v for k, v in decoder.items()}}
     metadata = {
         "format": "pt",  # Hugging Face's loaders expect this key
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ckpt", help="checkpoint folder, run folder (newest checkpoint), exported .safetensors or .pth")
     parser.add_argument("out", help="output file, .safetensors")
     parser.add_argument("--with-decoder", action="store_true",
-                        help="also keep MAE's decoder (as decoder.<key>) for reconstruction demos")
+                        help="also keep the pretraining head (as decoder.<key>) for reconstruction demos")
     args = parser.parse_args(argv)
     try:
         meta = export(args.ckpt, args.out, args.with_decoder)

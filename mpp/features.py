@@ -22,8 +22,7 @@ from mpp.config import ConfigError, to_dict
 from mpp.engine import cpu_ddp, effective_precision, set_cpu_threads
 from mpp.data import ShardLoader
 from mpp.data.loader import EpochPlan, split_batches
-from mpp.models import build_model
-from mpp.models.vit import vit_encoder
+from mpp.models import build_encoder as build_model_encoder, build_model
 
 CACHE_VERSION = 2  # bump when what a feature is changes, so old disk caches are not reused (2: MAE-init baseline)
 
@@ -60,7 +59,7 @@ def build_encoder(model_cfg, ckpt) -> tuple[torch.nn.Module, list[str]]:
         notes = [f"randomly initialised {model_cfg.encoder} encoder (ckpt=none, {model_cfg.objective}'s "
                  f"initialisation): the baseline"]
     else:
-        vit = vit_encoder(model_cfg.encoder, model_cfg.img_size, model_cfg.patch_size, model_cfg.in_chans)
+        vit = build_model_encoder(model_cfg)
         from mpp.weights import load_into_vit
         notes = load_into_vit(vit, str(ckpt))
     vit.requires_grad_(False)

@@ -34,7 +34,7 @@ from mpp.data import ShardLoader, normalizer
 from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
 from mpp.features import is_random_init, manifest_classes
 from mpp.knn import topk_hits
-from mpp.models import set_fused_attn, vit_encoder
+from mpp.models import build_encoder, set_fused_attn
 from mpp.weights import load_into_vit
 
 NO_DATA = """data.train is not set: point it at labelled WebDataset shards (a `cls` label per sample).
@@ -60,9 +60,8 @@ def check_config(cfg: FinetuneRunConfig, recipe: str) -> None:
 
 def build_classifier(cfg: FinetuneRunConfig, num_classes: int) -> torch.nn.Module:
     """timm VisionTransformer with a head; pos_embed trainable; head initialised as MAE's fine-tuning does."""
-    m, f = cfg.model, cfg.finetune
-    vit = vit_encoder(m.encoder, m.img_size, m.patch_size, m.in_chans, num_classes=num_classes,
-                      global_pool=f.global_pool, drop_path_rate=f.drop_path)
+    f = cfg.finetune
+    vit = build_encoder(cfg.model, num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path)
     vit.pos_embed.requires_grad_(True)  # fixed sin-cos in pretraining, learnt from there on (MAE, BEiT)
     trunc_normal_(vit.head.weight, std=2e-5)  # MAE main_finetune.py: a near-zero head leaves the encoder's
     torch.nn.init.zeros_(vit.head.bias)       # features undisturbed in the first steps
@@ -132,7 +131,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             raise ConfigError(f"data.train={data.train!r} has no manifest naming its classes: set finetune.num_classes")
         plan = plan_schedule(cfg, trainer.num_processes, loader.num_samples)
         # Shapes a checkpoint must share to continue this run (the head's included).
-        shapes = {f"model.{k}": getattr(cfg.model, k) for k in ("encoder", "img_size", "patch_size", "in_chans")}
+        shapes = {f"model.{k}": getattr(cfg.model, k) for k in ("tokenizer", "encoder", "img_size", "patch_size", "in_chans")}
         resuming = trainer.check_resume({**shapes, "finetune.num_classes": f.num_classes,
                                          "finetune.global_pool": f.global_pool}) is not None
 

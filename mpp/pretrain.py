@@ -27,7 +27,7 @@ from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import (NonFiniteLoss, Periodic, RunState, Schedule, Trainer, Window, check_resumable,  # noqa: F401
                         cosine_schedule, effective_precision, fused_attn, plan_schedule, set_cpu_threads)
 from mpp.knn import OnlineKnn
-from mpp.models import build_model, set_fused_attn
+from mpp.models import build_model, ratio_at, set_fused_attn
 from mpp.visualize import save_reconstruction
 
 NO_DATA = """data.train is not set: point it at WebDataset shards.
@@ -36,20 +36,29 @@ NO_DATA = """data.train is not set: point it at WebDataset shards.
 (or try the shipped sample: accelerate launch mpp/pretrain.py recipes/quickstart.yaml)"""
 
 
-def mae_loss(model, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pretrain_loss(model, imgs: torch.Tensor, mask_ratio: float | None = None):
     """The loss, and its terms when it has more than one (logged as loss_<term>)."""
-    loss, _, _, terms = model(imgs, return_terms=True)
-    return loss, (terms if len(terms) > 1 else {})
+    out = model(imgs, mask_ratio=mask_ratio)
+    return out.loss, (out.terms if len(out.terms) > 1 else {})
+
+
+def scheduled_loss(cfg: PretrainConfig, run: RunState, plan: Schedule):
+    """pretrain_loss at the mask ratio of the run's current step (model.mask.schedule)."""
+    mask = cfg.model.mask
+    if mask.schedule == "constant" or mask.ratio_end is None:
+        return pretrain_loss  # the model's own ratio: nothing changes between steps
+    return lambda model, imgs: pretrain_loss(
+        model, imgs, ratio_at(mask.ratio, mask.ratio_end, mask.schedule, run.step / plan.total_steps))
 
 
 # Pretraining's optimizer step, as mpp/bench.py times it: train_step(accelerator, model, optimizer,
 # micro_batches, grad_clip, stop_signal).
-train_step = functools.partial(engine.train_step, loss_fn=mae_loss)
+train_step = functools.partial(engine.train_step, loss_fn=pretrain_loss)
 
 
 def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
     """The model, its AdamW (no decay on norms, biases, tokens, position embeddings) and the lr schedule."""
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.data.mean, cfg.data.std)
     set_fused_attn(model, fused_attn(cfg, device))
     optimizer = engine.adamw(model, plan.lr, cfg.optim, device)
     return model, optimizer, cosine_schedule(optimizer, plan, cfg.optim.min_lr)
@@ -90,7 +99,8 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             knn_data = dataclasses.replace(cfg.knn.data, mean=cfg.data.mean, std=cfg.data.std)
             knn = OnlineKnn(dataclasses.replace(cfg.knn, data=knn_data), cfg.model, accelerator, cfg.seed)
             periodic.append(Periodic(cfg.knn.every, lambda step: knn.run(raw_model.encoder)))
-        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, mae_loss, periodic=periodic)
+        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, scheduled_loss(cfg, run, plan),
+                    periodic=periodic)
     return raw_model
 
 

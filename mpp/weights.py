@@ -28,7 +28,7 @@ ACCEPTED = ("a checkpoint folder (output_dir/checkpoints/step_XXXXXXXX), a run f
             "used), a file written by `python -m mpp.export` (.safetensors) or a state dict (.pth/.bin/.pt)")
 CONFIG_METADATA = "mpp_config"  # export's safetensors metadata key holding the run's config as JSON
 NORMS = ("norm", "fc_norm")
-DECODER_PREFIX = "decoder."  # export --with-decoder: MAE's decoder keys under this prefix, beside the timm keys
+DECODER_PREFIX = "decoder."  # export --with-decoder: the pretraining head's keys under this prefix, beside timm's
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -100,51 +100,52 @@ def _key_parts(key: str) -> list[str]:
     return parts
 
 
-def _is_decoder(parts: list[str]) -> bool:
-    # fusion_*: model.fuse_blocks' layers, which make the decoder's input: a reconstruction needs them.
-    return bool(parts) and (parts[0] == "mask_token" or parts[0].startswith(("decoder", "fusion_")))
+ENCODER = "encoder"  # a pretraining model's encoder submodule: what probes, fine-tuning and exports read
+PRETRAINING_ONLY = ("projector",)  # the contrastive term's head: nothing reads it after pretraining
 
 
-def _is_pretraining_head(parts: list[str]) -> bool:
-    """The contrastive term's projection head: only pretraining uses it, and nothing exports it."""
-    return bool(parts) and parts[0] == "projector"
+def _is_pretraining_state(keys) -> bool:
+    return any(_key_parts(k)[:1] == [ENCODER] for k in keys)
 
 
 def vit_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm VisionTransformer keys of any stage's state dict.
 
-    An MAE model's encoder is `encoder.<timm key>`; its decoder (decoder_*, mask_token, fuse_blocks'
-    fusion_*, and the `decoder.` keys of an export made with --with-decoder) and its projection head
-    (projector.*) are dropped. DDP's `module.` and torch.compile's `_orig_mod.` wrappers are removed.
-    Fine-tuned states are timm keys already.
+    A pretraining model's encoder is its `encoder` submodule (encoder.<timm key>): those keys are kept and
+    everything else (the objective's head, fusion, projector) is dropped. Fine-tuned and exported states
+    are timm keys already; an export's `decoder.` keys (--with-decoder) are dropped. DDP's `module.` and
+    torch.compile's `_orig_mod.` wrappers are removed.
     """
+    pretraining = _is_pretraining_state(state)
     out = {}
     for key, value in state.items():
         parts = _key_parts(key)
-        if not parts or _is_decoder(parts) or _is_pretraining_head(parts):
-            continue
-        if parts[0] == "encoder":
-            parts = parts[1:]
-        out[".".join(parts)] = value
+        if pretraining and parts[:1] == [ENCODER]:
+            out[".".join(parts[1:])] = value
+        elif not pretraining and parts and parts[0] != DECODER_PREFIX.rstrip("."):
+            out[".".join(parts)] = value
     return out
 
 
 def decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MAE decoder's weights under MAE's own keys (decoder_*, mask_token, fusion_*), from an MAE state or
-    an export made with --with-decoder; empty if there is no decoder."""
+    """What a reconstruction needs beside the encoder (the objective's head, block fusion), under the pretraining
+    model's own keys, from a pretraining state or an export made with --with-decoder; empty if there is none."""
     out = {}
+    pretraining = _is_pretraining_state(state)
     for key, value in state.items():
         parts = _key_parts(key)
-        if _is_decoder(parts):
-            key = ".".join(parts)
-            out[key[len(DECODER_PREFIX):] if key.startswith(DECODER_PREFIX) else key] = value
+        if pretraining and parts and parts[0] not in (ENCODER, *PRETRAINING_ONLY):
+            out[".".join(parts)] = value
+        elif not pretraining and parts[:1] == [DECODER_PREFIX.rstrip(".")]:
+            out[".".join(parts[1:])] = value
     return out
 
 
-def mae_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An MAE model's keys (encoder.<timm key>, decoder_*, mask_token) from an MAE state or an export
-    made with --with-decoder, for `MAE(...).load_state_dict`."""
-    return {**{f"encoder.{k}": v for k, v in vit_state(state).items()}, **decoder_state(state)}
+def model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pretraining model's keys (encoder.<timm key>, head.*, fusion.*) from a pretraining state or an export
+    made with --with-decoder, for `build_model(...).load_state_dict(..., strict=False)` (the projector, if any,
+    is not exported)."""
+    return {**{f"{ENCODER}.{k}": v for k, v in vit_state(state).items()}, **decoder_state(state)}
 
 
 def load_into_vit(vit: torch.nn.Module, state_or_path, *, head: bool = False) -> list[str]:

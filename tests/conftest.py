@@ -78,7 +78,9 @@ def checkpoint_steps(output_dir) -> list[int]:
 
 
 def subprocess_env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    """The environment of a child process that runs this checkout's mpp (not another installed copy)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
 
 
 def pretrain_command(*args: str) -> list[str]:
@@ -108,3 +110,17 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log_p
     proc.kill()
     proc.wait()
     pytest.fail(f"no {what} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def model_config(*overrides: str):
+    """recipes/quickstart.yaml's model section (ViT-Tiny/4 at 32 px) with a 1-block decoder of width 64 and
+    `key=value` overrides given without the `model.` prefix."""
+    from mpp.config import PretrainConfig, load_config
+    small = ["decoder.dim=64", "decoder.depth=1", "decoder.heads=4"]
+    return load_config(PretrainConfig, QUICKSTART, [f"model.{o}" for o in (*small, *overrides)]).model
+
+
+def small_model(*overrides: str):
+    """The model of `model_config(*overrides)`."""
+    from mpp.models import build_model
+    return build_model(model_config(*overrides))

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     out, overrides = Path(argv[0]), argv[1:]
 
     from mpp.config import PretrainConfig, load_config
-    from mpp.models.mae import MAE
+    from mpp.models import MaskedImageModel
     from mpp.pretrain import train
 
     env_rank = int(os.environ.get("RANK", "0"))
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     def write_info():
         (out / f"rank{env_rank}.json").write_text(json.dumps(info))
 
-    original_forward = MAE.forward
+    original_forward = MaskedImageModel.forward
 
     def forward(self, imgs, *args, **kwargs):
         if not snapshot:  # the first forward (FLOP count) comes after accelerator.prepare, before any step
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     def count_step(optimizer, args, kwargs):
         info["optimizer_steps"] += 1
 
-    MAE.forward = forward
+    MaskedImageModel.forward = forward
     register_optimizer_step_post_hook(count_step)
 
     cfg = load_config(PretrainConfig, REPO / "recipes" / "quickstart.yaml", overrides)

@@ -22,7 +22,7 @@ def write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("override,named,suggested", [
     ("optim.base_rl=1e-4", "optim.base_rl", "optim.base_lr"),
     ("train.micro_batch=8", "train.micro_batch", "train.micro_batch_size"),
-    ("model.mask_ration=0.6", "model.mask_ration", "model.mask_ratio"),
+    ("model.mask.ration=0.6", "model.mask.ration", "model.mask.ratio"),
     ("seeed=1", "seeed", "seed"),
 ])
 def test_unknown_key_names_it_and_the_closest_valid_key(override, named, suggested):
@@ -83,8 +83,8 @@ def test_quickstart_inherits_base_values():
     # ...and from base.yaml beneath it, including siblings of overridden keys in the same section.
     assert cfg.optim.weight_decay == 0.05
     assert cfg.optim.betas == [0.9, 0.95]
-    assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss is True
-    assert cfg.model.decoder_dim == 128 and cfg.model.decoder_heads == 4
+    assert cfg.model.mask.ratio == 0.75 and cfg.model.target.norm_pix is True
+    assert cfg.model.decoder.dim == 128 and cfg.model.decoder.heads == 4 and cfg.model.decoder.depth == 2
     assert cfg.train.mixed_precision == "bf16"
     assert cfg.resume == "auto"
     assert cfg.output_dir == str(Path("runs") / "quickstart")  # default runs/<recipe name>

@@ -157,7 +157,7 @@ def test_online_knn_restores_modes_and_counts_every_sample(shards):
     from accelerate import Accelerator
     from mpp.config import LabelledDataConfig, ModelConfig
     from mpp.models import build_model
-    model_cfg = from_dict(ModelConfig, {**MODEL, "decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2})
+    model_cfg = from_dict(ModelConfig, {**MODEL, "decoder": {"dim": 64, "depth": 1, "heads": 2}})
     data = LabelledDataConfig(train=str(shards), num_workers=0, batch_size=10)
     online = OnlineKnn(OnlineKnnConfig(every=1, data=data, knn=KnnConfig(k=3)), model_cfg, Accelerator(cpu=True), 0)
     mae = build_model(model_cfg).train()

@@ -178,7 +178,7 @@ def test_probe_without_ckpt_says_how_to_pass_one(tmp_path, capsys):
 # targets, 300 x 64: 37.7-39.4% / 28.3-29.6% (3 seeds and lrs), 600 x 32 (the same 19,200 images, 2 min):
 # 41.6% / 29.4%, 600 x 64: 44.2% / 30.1%. A probe on fewer train images (2,000) left the margin in the noise.
 PRETRAIN = ["train.steps=600", "train.batch_size=32", "train.micro_batch_size=32", "optim.base_lr=2e-3",
-            "train.warmup_steps=20", "model.norm_pix_loss=false", "knn.every=0", "log.image_every=100000",
+            "train.warmup_steps=20", "model.target.norm_pix=false", "knn.every=0", "log.image_every=100000",
             "checkpoint.every=100000"]
 
 

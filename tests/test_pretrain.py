@@ -181,7 +181,7 @@ def test_resume_with_another_model_size_names_the_difference(e2e_run, tmp_path):
     message = str(err.value)
     assert "model.encoder" in message and "'tiny'" in message and "'small'" in message
     assert ckpt.name in message
-    assert "decoder_dim" not in message  # only what differs
+    assert "model.decoder" not in message  # only what differs
     assert checkpoint_steps(tmp_path) == [E2E_STEPS]
     assert {p.name: file_digest(p) for p in ckpt.iterdir()} == before
     assert read_metrics(tmp_path) == []
@@ -226,7 +226,7 @@ def good_then_nan(tmp_path, monkeypatch):
     Returns (run the NaN part with extra overrides -> the NonFiniteLoss, the models the loss saw,
     the step-2 checkpoint folder, sha256 of its files).
     """
-    from mpp.models.mae import MAE
+    from mpp.models import MaskedImageModel
     from mpp.pretrain import NonFiniteLoss
 
     run_train(quick_config(tmp_path, "train.steps=2", "checkpoint.every=2", "log.every=1"))
@@ -235,14 +235,15 @@ def good_then_nan(tmp_path, monkeypatch):
     digests = {p.name: file_digest(p) for p in ckpt.iterdir()}
 
     models = []
-    real_loss = MAE.loss
+    real_forward = MaskedImageModel.forward
 
-    def nan_loss(self, imgs, pred, mask):  # NaN, but still a graph: backward gives NaN gradients
+    def nan_forward(self, *args, **kwargs):  # a NaN loss, but still a graph: backward gives NaN gradients
         models.append(self)
-        return real_loss(self, imgs, pred, mask) * float("nan")
+        out = real_forward(self, *args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
 
     def run_nan(*extra):
-        monkeypatch.setattr(MAE, "loss", nan_loss)
+        monkeypatch.setattr(MaskedImageModel, "forward", nan_forward)
         cfg = quick_config(tmp_path, "train.steps=20", "log.every=1", "train.max_bad_steps=3", "resume=auto", *extra)
         with pytest.raises(NonFiniteLoss) as err:
             run_train(cfg)
@@ -383,7 +384,7 @@ def test_ddp_two_cpu_processes_stay_in_lockstep(tmp_path):
     # The processes started from the same (broadcast) weights and trained: every trainable tensor moved.
     initial = ranks[0]["initial"]
     assert all(torch.equal(initial[k], ranks[1]["initial"][k]) for k in initial)
-    fixed = {"encoder.pos_embed", "decoder_pos_embed"}
+    fixed = {"encoder.pos_embed", "head.pos_embed"}
     moved = {k for k in initial if not torch.equal(initial[k], finals[0][k])}
     assert moved == set(initial) - fixed
 

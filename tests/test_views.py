@@ -84,8 +84,8 @@ def test_contrastive_pretraining_run_hands_its_encoder_on(tmp_path):
     cfg = quick_config(tmp_path / "run", "train.steps=4", "log.every=2", "model.contrastive=0.5",
                        "model.fuse_blocks=[1,5]", "checkpoint.every=4")
     model = run_train(cfg)
-    assert model.projector is not None and len(model.fusion_proj) == 2
-    assert not torch.equal(model.fusion_weights.detach(), torch.ones(3))  # trained
+    assert model.projector is not None and len(model.fusion.proj) == 2
+    assert not torch.equal(model.fusion.weights.detach(), torch.ones(3))  # trained
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in records] == [2, 4]
     for r in records:  # each term logged beside the loss it makes up

@@ -1,12 +1,14 @@
-"""Reconstruction grids: norm-pix predictions mapped back to pixels with the visible patches' statistics."""
+"""Reconstruction grids: predictions mapped back to pixels (norm-pix with the visible patches' statistics)."""
 from __future__ import annotations
 
 import torch
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, small_model
 from mpp.data import normalizer, preview_images
-from mpp.models.mae import MAE, patchify, random_masking
-from mpp.visualize import predictions_to_pixels, reconstruction_grid
+from mpp.models.masking import make_mask
+from mpp.models.patches import patchify
+from mpp.models.targets import PixelTarget
+from mpp.visualize import reconstruction_grid
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -17,11 +19,10 @@ def real_images(count=4, size=32):
 
 
 def test_visible_patches_map_back_exactly_from_their_true_target():
-    model = MAE("tiny", 32, 4, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    target = PixelTarget(4, 3, norm_pix=True)
     imgs = real_images()
-    _, mask, _ = random_masking(imgs.shape[0], model.num_patches, 0.75)
-    pixels = predictions_to_pixels(model.target(imgs), imgs, mask, 4, model.grid, norm_pix=True)
-    visible = mask == 0
+    visible = ~make_mask("random", imgs.shape[0], (8, 8), 0.75).masked
+    pixels = target.to_pixels(target(imgs), imgs, visible)
     assert torch.allclose(pixels[visible], patchify(imgs, 4)[visible], atol=1e-4)
     # A masked patch only gets its neighbours' statistics, so it is not recovered exactly.
     assert not torch.allclose(pixels[~visible], patchify(imgs, 4)[~visible], atol=1e-2)
@@ -33,17 +34,17 @@ def test_masked_patches_take_the_statistics_of_nearby_visible_patches():
     imgs = torch.zeros(1, 3, 16, 16)
     imgs[..., 8:] = 1.0
     imgs += 0.1 * torch.randn_like(imgs)
-    mask = torch.ones(1, 16)
-    mask[0, [0, 3, 12, 15]] = 0  # visible: the four corners (two dark, two bright)
+    visible = torch.zeros(1, 16, dtype=torch.bool)
+    visible[0, [0, 3, 12, 15]] = True  # the four corners (two dark, two bright)
     zero_pred = torch.zeros(1, 16, 48)  # predicted structure 0: the mapped patch is its estimated mean
-    pixels = predictions_to_pixels(zero_pred, imgs, mask, 4, (4, 4), norm_pix=True)
+    pixels = PixelTarget(4, 3, norm_pix=True).to_pixels(zero_pred, imgs, visible)
     means = pixels.mean(-1).view(4, 4)
     # An image-wide average would put every masked patch at 0.5.
     assert means[:, :2].max() < 0.4 and means[:, 2:].min() > 0.6
 
 
 def test_grid_has_four_columns_per_image_in_unit_range():
-    model = MAE("tiny", 32, 4, decoder_dim=64, decoder_depth=1, decoder_heads=2)
+    model = small_model()
     grid = reconstruction_grid(model, real_images(count=3), MEAN, STD)
     assert grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1
     assert grid.shape[2] > grid.shape[1]  # 4 columns wide, 3 rows high
@@ -51,3 +52,12 @@ def test_grid_has_four_columns_per_image_in_unit_range():
     state = torch.get_rng_state()
     assert torch.equal(grid, reconstruction_grid(model, real_images(count=3), MEAN, STD))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_grids_of_every_pixel_mapping_target_and_none_for_hog():
+    imgs = real_images(count=2)
+    for overrides in (["objective=simmim", "target.loss=l1", "target.norm_pix=false", "mask.unit=2"],
+                      ["objective=vit_mpp", "target.kind=mean_color", "mask.ratio=0.5"]):
+        grid = reconstruction_grid(small_model(*overrides), imgs, MEAN, STD)
+        assert grid is not None and grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1
+    assert reconstruction_grid(small_model("target.kind=hog"), imgs, MEAN, STD) is None

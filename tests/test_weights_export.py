@@ -28,7 +28,7 @@ from mpp.checkpoint import list_checkpoints
 from mpp.data import normalizer, preview_images, resolve_shards
 from mpp.export import main as export_main
 from mpp.models import vit_encoder
-from mpp.weights import decoder_state, load_into_vit, mae_state, read_weights, vit_state
+from mpp.weights import decoder_state, load_into_vit, model_state, read_weights, vit_state
 
 
 # ---- fixtures: one real checkpoint, its export, real images ----
@@ -125,9 +125,8 @@ def test_export_loads_into_timm_strictly_with_equal_features(trained, exported, 
     assert list(data["mean"]) == trained["cfg"].data.mean and list(data["std"]) == trained["cfg"].data.std
 
     mae = trained["mae"]
-    n = mae.num_patches
     with torch.no_grad():
-        ours = mae.forward_encoder(images, torch.arange(n).expand(len(images), n))
+        ours = mae.encode(mae.encoder.add_positions(mae.encoder.embed(images)))
         theirs = model.forward_features(images)
         pooled = model.forward_head(theirs, pre_logits=True)
     assert theirs.shape == (8, 65, 192) and pooled.shape == (8, 192)
@@ -240,7 +239,7 @@ def test_every_form_of_output_loads_the_same_encoder(trained, exported, tmp_path
     with caplog.at_level(logging.INFO, logger="timm"):
         model = eval(command, {"timm": timm})
     (surplus,) = [r.getMessage() for r in caplog.records if "Unexpected keys" in r.getMessage()]
-    assert "decoder.mask_token" in surplus and "decoder.decoder_pred.weight" in surplus
+    assert "decoder.head.mask_token" in surplus and "decoder.head.pred.weight" in surplus
     assert not any("Missing keys" in r.getMessage() for r in caplog.records)
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
@@ -261,7 +260,7 @@ def test_every_form_of_output_loads_the_same_encoder(trained, exported, tmp_path
     with torch.no_grad():
         for p in mae.parameters():
             p.zero_()
-    mae.load_state_dict(mae_state(state), strict=True)
+    mae.load_state_dict(model_state(state), strict=True)
     for key, value in trained["mae"].state_dict().items():
         assert torch.equal(mae.state_dict()[key], value), key
 
@@ -271,10 +270,9 @@ def test_pos_embed_resampling(trained, exported, images, caplog):
     # Same size: nothing to adapt, features identical to the pretraining encoder's.
     same = bare("tiny", 32, 4).eval()
     assert load_into_vit(same, trained["ckpt"]) == []
-    n = mae.num_patches
     with torch.no_grad():
         assert max_diff(same.forward_features(images),
-                        mae.forward_encoder(images, torch.arange(n).expand(len(images), n))) < 1e-5
+                        mae.encode(mae.encoder.add_positions(mae.encoder.embed(images)))) < 1e-5
 
     # 64 px (grid 16x16), trainable embedding as fine-tuning makes it: resampled, requires_grad kept.
     big = bare("tiny", 64, 4).eval()
@@ -316,15 +314,25 @@ def test_mismatched_checkpoint_names_both_shapes(trained, exported, size, img_si
         assert "it was trained with model: encoder=tiny, img_size=32, patch_size=4" in message
 
 
-def test_vit_state_maps_any_stage_to_timm_keys():
+def test_vit_state_keeps_the_encoder_submodule_of_any_stage():
     w = torch.zeros(1)
-    state = {"module._orig_mod.encoder.blocks.0.attn.qkv.weight": w, "encoder.cls_token": w, "mask_token": w,
-             "decoder_embed.weight": w, "decoder_pos_embed": w, "decoder.decoder_pred.bias": w, "head.weight": w,
-             "_orig_mod.fc_norm.bias": w, "module.projector.0.weight": w,  # projector: the contrastive term's head
-             "fusion_proj.0.weight": w, "module.fusion_weights": w}  # fusion_*: fuse_blocks' layers, the decoder's input
-    assert set(vit_state(state)) == {"blocks.0.attn.qkv.weight", "cls_token", "head.weight", "fc_norm.bias"}
-    assert set(decoder_state(state)) == {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.bias",
-                                         "fusion_proj.0.weight", "fusion_weights"}
+    # A pretraining model's state: its encoder is the `encoder` submodule; the objective's head, the block fusion
+    # and the contrastive projector are pretraining's only. DDP's module. and compile's _orig_mod. come off.
+    pretraining = {"module._orig_mod.encoder.blocks.0.attn.qkv.weight": w, "encoder.cls_token": w,
+                   "head.mask_token": w, "head.embed.weight": w, "head.pred.bias": w, "module.projector.0.weight": w,
+                   "fusion.proj.0.weight": w, "module.fusion.weights": w}
+    assert set(vit_state(pretraining)) == {"blocks.0.attn.qkv.weight", "cls_token"}
+    assert set(decoder_state(pretraining)) == {"head.mask_token", "head.embed.weight", "head.pred.bias",
+                                               "fusion.proj.0.weight", "fusion.weights"}
+    # A fine-tuned classifier or an export: timm keys already (head: the classifier); an export made with
+    # --with-decoder carries the pretraining head under decoder.
+    timm_keys = {"blocks.0.attn.qkv.weight": w, "cls_token": w, "head.weight": w, "_orig_mod.fc_norm.bias": w,
+                 "decoder.head.pred.bias": w, "decoder.fusion.weights": w}
+    assert set(vit_state(timm_keys)) == {"blocks.0.attn.qkv.weight", "cls_token", "head.weight", "fc_norm.bias"}
+    assert set(decoder_state(timm_keys)) == {"head.pred.bias", "fusion.weights"}
+    assert set(model_state(timm_keys)) == {"encoder.blocks.0.attn.qkv.weight", "encoder.cls_token",
+                                           "encoder.head.weight", "encoder.fc_norm.bias", "head.pred.bias",
+                                           "fusion.weights"}
 
 
 def test_missing_weights_fail_clearly(tmp_path):
@@ -345,21 +353,22 @@ def test_missing_weights_fail_clearly(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.safetensors").exists()
 
 
-def test_fused_blocks_travel_with_the_decoder():
-    # model.fuse_blocks' layers make the decoder's input: --with-decoder's keys carry them, so the whole MAE
-    # comes back from an export; the encoder alone never holds them.
-    from mpp.models.mae import MAE
+@pytest.mark.parametrize("objective", ["mae", "simmim", "vit_mpp"])
+def test_pretraining_head_and_fused_blocks_travel_with_the_decoder(objective):
+    # --with-decoder's keys carry the objective's head and model.fuse_blocks' layers, so the whole pretraining
+    # model comes back from an export; the encoder alone never holds them.
+    from conftest import small_model
     from mpp.weights import DECODER_PREFIX
-    args = dict(encoder="tiny", img_size=32, patch_size=4, decoder_dim=64, decoder_depth=1, decoder_heads=4,
-                fuse_blocks=[2, 7])
+    overrides = [f"objective={objective}", "fuse_blocks=[2,7]"]
     torch.manual_seed(0)
-    source = MAE(**args)
+    source = small_model(*overrides)
     state = source.state_dict()
     exported = {**vit_state(state), **{DECODER_PREFIX + k: v for k, v in decoder_state(state).items()}}  # export's keys
-    assert {"decoder.fusion_weights", "decoder.fusion_proj.1.bias"} <= set(exported)
-    assert not any("fusion" in k for k in vit_state(state))
+    assert {"decoder.fusion.weights", "decoder.fusion.proj.1.bias", "decoder.head.mask_token",
+            "decoder.head.pred.weight"} <= set(exported)
+    assert not any(k.startswith(("fusion", "head.")) for k in vit_state(state))
     torch.manual_seed(1)
-    restored = MAE(**args)
-    restored.load_state_dict(mae_state(exported), strict=True)
+    restored = small_model(*overrides)
+    restored.load_state_dict(model_state(exported), strict=True)
     for key, value in state.items():
         assert torch.equal(restored.state_dict()[key], value), key

@@ -33,9 +33,8 @@ class Mask(NamedTuple):
         return cls(ids_restore >= keep, ids_shuffle[:, :keep], ids_restore)
 
     @classmethod
-    def from_bool(cls, masked: torch.Tensor) -> "Mask":
-        """From a (B, N) bool mask with the same count in every row; visible tokens kept in raster order."""
-        keep = masked.shape[1] - int(masked[0].sum())
+    def from_bool(cls, masked: torch.Tensor, keep: int) -> "Mask":
+        """From a (B, N) bool mask with `keep` visible tokens in every row; they are kept in raster order."""
         return cls.from_order(masked.to(torch.uint8).argsort(dim=1, stable=True), keep)
 
 
@@ -53,6 +52,7 @@ MIN_ASPECT = 0.3
 BLOCK_ROUNDS = 64  # rectangles tried per image before the count is topped up at random
 
 
+@torch.compiler.disable  # a loop with a data-dependent exit: eager, outside a compiled model's graph
 def block_units(batch: int, grid: tuple[int, int], count: int, min_block: int = 16, device=None,
                 generator=None) -> torch.Tensor:
     """(B, h*w) bool: BEiT's block-wise masking with exactly `count` masked units per image.
@@ -113,7 +113,7 @@ def make_mask(kind: str, batch: int, grid: tuple[int, int], ratio: float, unit: 
         masked_units = block_units(batch, units_grid, count, min_block, device, generator)
     else:
         raise ValueError(f"unknown mask kind {kind!r}; choose one of {sorted(MASK_KINDS)}")
-    return Mask.from_bool(expand_units(masked_units, units_grid, unit))
+    return Mask.from_bool(expand_units(masked_units, units_grid, unit), (units - count) * unit * unit)
 
 
 MASK_KINDS = ("random", "block")

@@ -410,3 +410,20 @@ def test_ddp_with_the_batch_terms(tmp_path):
         assert r["loss"] == pytest.approx(r["loss_reconstruction"] + 0.1 * r["loss_uniformity"]
                                           + 0.1 * r["loss_contrastive"], rel=1e-5)
 
+
+
+def test_mask_ratio_schedule_follows_the_step(tmp_path, monkeypatch):
+    # model.mask.schedule: each step masks at the ratio of its place in the run, a function of the step alone.
+    from mpp.models import MaskedImageModel
+    seen = []
+    real_forward = MaskedImageModel.forward
+
+    def forward(self, imgs, mask_ratio=None):
+        if self.training and torch.is_grad_enabled():
+            seen.append(mask_ratio)
+        return real_forward(self, imgs, mask_ratio)
+
+    monkeypatch.setattr(MaskedImageModel, "forward", forward)
+    run_train(quick_config(tmp_path, "train.steps=5", "model.mask.ratio=0.5", "model.mask.ratio_end=0.9",
+                           "model.mask.schedule=linear", "log.image_every=1000"))
+    assert seen == pytest.approx([0.5, 0.58, 0.66, 0.74, 0.82])

@@ -101,7 +101,8 @@ def bench_train(cfg: PretrainConfig, steps: int, warmup: int, rounds: int = 3, b
     plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=10 ** 9, warmup_steps=1,
                     lr=cfg.optim.base_lr * batch / 256)
     torch.manual_seed(cfg.seed)
-    model, optimizer, _ = build_training(cfg, plan, device)
+    model, optimizer, scheduler = build_training(cfg, plan, device)
+    scheduler.step_update(plan.warmup_steps)  # the peak lr, which the plain loop runs at too
     model, optimizer = accelerator.prepare(model, optimizer)
     precision = effective_precision(accelerator)
     to_input = normalizer(cfg.data.mean, cfg.data.std, device)

@@ -214,7 +214,7 @@ class TrainConfig:
     # auto: bf16 on GPUs that have it (else fp16), on CPUs only where bf16 matmuls measure faster (else no: fp32)
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     grad_clip: Union[float, None] = None
-    fused_attn: Union[bool, None] = None  # null: torch's fused kernel, but explicit matmuls for bf16 on CPU (faster there)
+    fused_attn: Union[bool, None] = None  # null: torch's fused kernel; explicit matmuls for bf16 on CPUs with bf16 units
     # torch.compile the model; auto: on GPUs, and on CPUs where a trial on the run's first steps shows a gain
     compile: Union[bool, Literal["auto"]] = "auto"
     cpu_threads: Union[int, None] = None  # on CPU; null: this process's cores / processes on the machine

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -299,7 +298,8 @@ class Trainer:
         and its backward for each micro-batch, one update (skipped when the loss is not finite anywhere), then
         `on_update(step)` after an applied update (EMA). Metrics every log.every steps; `periodic` work when
         due; a checkpoint every checkpoint.every steps, at the end and on a stop signal, never during a
-        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. Returns whether the run
+        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. With train.compile=auto (a CPU
+        run), the first steps are a CompileTrial that decides whether to go on compiled. Returns whether the run
         is complete."""
         cfg, accelerator = self.cfg, self.accelerator
         raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls

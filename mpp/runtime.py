@@ -102,6 +102,11 @@ def cpu_matmul_rates() -> dict[str, float]:
 
 # ---- mixed precision ----
 
+def has_bf16_units(cpu_rates: dict[str, float]) -> bool:
+    """Whether a CPU's bf16 matmuls are clearly faster than its fp32 ones (see BF16_MIN_GAIN)."""
+    return cpu_rates["bf16"] >= BF16_MIN_GAIN * cpu_rates["fp32"]
+
+
 def _gflops(rate: float) -> str:
     return f"{rate / 1e9:.2g}" if rate < 10e9 else f"{rate / 1e9:.0f}"
 
@@ -126,7 +131,7 @@ def choose_precision(asked: str, device_type: str, *, key: str = "train.mixed_pr
     fp32, bf16 = cpu_rates["fp32"], cpu_rates["bf16"]
     measured = f"bf16 matmul {_gflops(bf16)} GFLOP/s vs fp32 {_gflops(fp32)} on this CPU"
     if asked == "auto":
-        pick = "bf16" if bf16 >= BF16_MIN_GAIN * fp32 else "no"
+        pick = "bf16" if has_bf16_units(cpu_rates) else "no"
         return Decision(pick, f"auto → {pick} ({measured})")
     warning = None
     if bf16 < fp32:
@@ -200,12 +205,13 @@ def precision_note(accelerator, asked: str, key: str = "train.mixed_precision") 
 
 
 def fused_attn(cfg, device: torch.device) -> bool:
-    """train.fused_attn, or its default: torch's fused attention kernel, except for bf16 on a CPU, where its backward
-    is slow and timm's explicit q@k, softmax, @v path trains twice as fast (README, "Performance"); in fp32 the
-    fused kernel is the faster there too. Call it once the precision is resolved."""
+    """train.fused_attn, or its default: torch's fused attention kernel, except for bf16 on a CPU with bf16 units,
+    where the kernel's bf16 backward is slow and timm's explicit q@k, softmax, @v path trains 1.8x faster; in fp32,
+    and in bf16 that the CPU emulates, the fused kernel is the faster (README, "Performance"). Call it once the
+    precision is resolved."""
     if cfg.train.fused_attn is not None:
         return cfg.train.fused_attn
-    return not (device.type == "cpu" and cfg.train.mixed_precision == "bf16")
+    return not (device.type == "cpu" and cfg.train.mixed_precision == "bf16" and has_bf16_units(cpu_matmul_rates()))
 
 
 # ---- torch.compile ----

@@ -80,6 +80,16 @@ def test_matmul_rate_measures_a_real_product():
     assert 1e8 < rate < 1e14  # FLOP/s of a 256^2 product: a CPU core does ~1e9 to ~1e11
 
 
+@pytest.mark.parametrize("device, precision, rates, fused", [
+    ("cuda", "bf16", None, True), ("cpu", "no", AMX, True), ("cpu", "bf16", AMX, False), ("cpu", "bf16", AVX2, True)])
+def test_the_attention_kernel_is_the_faster_one_for_the_precision_run(device, precision, rates, fused, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_matmul_rates", lambda: rates)
+    cfg = load_config(PretrainConfig, QUICKSTART, [f"train.mixed_precision={precision}"])
+    assert runtime.fused_attn(cfg, torch.device(device)) is fused
+    cfg.train.fused_attn = not fused
+    assert runtime.fused_attn(cfg, torch.device(device)) is not fused  # as set
+
+
 # ---- a run resolves, says, saves and runs it ----
 
 def autocast_spy(monkeypatch) -> list:

@@ -78,7 +78,10 @@ def checkpoint_steps(output_dir) -> list[int]:
 
 
 def subprocess_env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    """The environment of a child process: it imports mpp from this checkout (not from wherever the package is
+    installed, e.g. another worktree), as the test process does."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
 
 
 def pretrain_command(*args: str) -> list[str]:

@@ -1,13 +1,21 @@
 """Benchmarks that others can rerun; README's performance figures come from here.
 
-    python -m mpp.bench train [RECIPE] [key=value ...] [--steps N] [--warmup N] [--json]
+    python -m mpp.bench train [RECIPE] [key=value ...] [--steps N] [--warmup N] [--rounds N] [--baseline] [--json]
+    python -m mpp.bench precision [--json]
     python -m mpp.bench loader SPEC [--img-size 224] [--workers 1 2] [--batch 64] [--limit N] [--json]
     python -m mpp.bench views [--batch 128] [--img-size 32] [--json]
     python -m mpp.bench adamw [RECIPE] [key=value ...] [--json]
 
 `train` times pretraining steps of the recipe's model (default recipes/base.yaml) on synthetic
 uint8 images of its shape, through the same build_training/train_step as mpp/pretrain.py, with
-one micro-batch of train.micro_batch_size per step and the recipe's mixed precision.
+one micro-batch of train.micro_batch_size per step and the recipe's mixed precision, resolved as a run
+resolves it (`auto`: mpp/runtime.py; printed with its reason); train.compile=auto is not compiled here (a run
+decides from a trial of its first steps). img/s is the median of --rounds blocks of --steps steps. --baseline
+alternates those blocks with a plain PyTorch loop over the same model (`plain_loop`: no accelerate, torch's
+default AdamW, the same autocast) and prints the ratio mpp/plain, the yardstick of every figure.
+
+`precision` prints this device's fp32 / bf16 / fp16 matmul rates (TF32 too on GPUs) and what
+`mixed_precision: auto` picks here.
 
 `loader` times the data pipeline on real shards, in one run: the decode-only rate of the same
 JPEGs (PIL open + convert to RGB, bytes read from the shards beforehand so no IO is counted: the
@@ -30,68 +38,175 @@ import sys
 import time
 from pathlib import Path
 
+import statistics
+from typing import Callable
+
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.data import normalizer
-from mpp.engine import dynamo_backend
-from mpp.flops import device_peak_flops, train_flops_per_image
-from mpp.pretrain import Schedule, build_training, effective_precision, set_cpu_threads, train_step
+from mpp.flops import Utilisation, device_peak_flops, measured_matmul_peak, train_flops_per_image
+from mpp.pretrain import Schedule, build_training, train_step
+from mpp.runtime import (PRECISION_DTYPES, dynamo_backend, effective_precision, fused_attn, resolve_precision,
+                         resolve_settings, set_cpu_threads)
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "base.yaml"
 
 
-def bench_train(cfg: PretrainConfig, steps: int, warmup: int) -> dict:
+def plain_loop(cfg: PretrainConfig, device: torch.device, precision: str, lr: float) -> Callable:
+    """The yardstick of `bench train --baseline`: the recipe's model in a plain PyTorch loop, as a user would write
+    it. Built as timm builds it (timm's default attention kernel), called through pretraining's own loss function;
+    torch's default AdamW (the recipe's lr, betas and weight decay, on every tensor); the same autocast precision
+    (fp16: torch's grad scaler); forward, backward, step, zero_grad. No accelerate, no checks. Returns step(imgs)."""
+    from mpp import pretrain
+    from mpp.models import build_model
+
+    model = build_model(cfg.model, cfg.data.mean, cfg.data.std).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = pretrain.pretrain_loss(model, imgs)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def bench_train(cfg: PretrainConfig, steps: int, warmup: int, rounds: int = 3, baseline: bool = False) -> dict:
+    """Images/s of mpp's training step (one micro-batch per step), the median of `rounds` blocks of `steps` steps;
+    with `baseline`, blocks of the plain loop alternate with mpp's (mpp, plain, plain, mpp, ...), so that the host's
+    drift hits both alike, and the ratio of the medians is reported."""
+    state = PartialState()
+    resolve_settings(cfg, state, say=lambda line: None)  # the reasons go into the result
+    if cfg.train.compile == "auto":  # a run decides from a trial of its first steps; a bench is too short for one
+        cfg.train.compile = False
+        cfg.resolved.compile = ("auto → no in the bench (a run decides from a trial of its first steps; "
+                                "train.compile=true times compiled steps)")
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, dynamo_backend=dynamo_backend(cfg))
     device, batch = accelerator.device, cfg.train.micro_batch_size
     set_cpu_threads(cfg, device)
-    plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=warmup + steps + 1, warmup_steps=1,
+    plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=10 ** 9, warmup_steps=1,
                     lr=cfg.optim.base_lr * batch / 256)
-    model, optimizer, _ = build_training(cfg, plan, device)
+    torch.manual_seed(cfg.seed)
+    model, optimizer, scheduler = build_training(cfg, plan, device)
+    scheduler.step_update(plan.warmup_steps)  # the peak lr, which the plain loop runs at too
     model, optimizer = accelerator.prepare(model, optimizer)
+    precision = effective_precision(accelerator)
     to_input = normalizer(cfg.data.mean, cfg.data.std, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     shape = (batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
     no_stop = torch.zeros((), device=device)
 
-    def step():
+    def mpp_step():
         return train_step(accelerator, model, optimizer, [to_input(images)], cfg.train.grad_clip, no_stop)[0]
 
-    for _ in range(warmup):
-        step()
+    variants = {"mpp": mpp_step}
+    if baseline:
+        torch.manual_seed(cfg.seed)
+        plain = plain_loop(cfg, device, precision, plan.lr)
+        variants["plain"] = lambda: plain(to_input(images))
+
+    def synchronise(out):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return float(out)  # mpp's step returns a float already: each of its steps ends synchronised
+
+    for fn in variants.values():
+        for _ in range(warmup):
+            synchronise(fn())
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()  # returns a Python float: each step ends synchronised
-    seconds = (time.perf_counter() - start) / steps
+    rates = {name: [] for name in variants}
+    losses = {}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = variants[name]()
+            losses[name] = synchronise(out)
+            rates[name].append(batch * steps / (time.perf_counter() - start))
     eager = accelerator.unwrap_model(model, keep_torch_compile=False)
     flops = train_flops_per_image(eager, cfg.model.img_size, cfg.model.in_chans, device)
-    peak = device_peak_flops(device, cfg.train.mixed_precision, cfg.log.peak_tflops)
-    images_per_s = batch / seconds
+    mfu = Utilisation(lambda: device_peak_flops(device, precision, cfg.log.peak_tflops),
+                      remeasure=device.type == "cpu" and not cfg.log.peak_tflops)
+    images_per_s = statistics.median(rates["mpp"])
     result = {
         "bench": "train",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu x{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}",
         "model": f"{cfg.model.objective} vit-{cfg.model.encoder}/{cfg.model.patch_size} @{cfg.model.img_size}",
         "target": cfg.model.target.kind,
         "decoder": f"{cfg.model.decoder.dim}x{cfg.model.decoder.depth}" if cfg.model.objective == "mae" else "linear",
         "batch": batch,
-        "mixed_precision": effective_precision(accelerator),
-        "fused_attn": cfg.train.fused_attn,
+        "mixed_precision": precision,
+        "precision_reason": cfg.resolved.mixed_precision,
+        "compile": cfg.train.compile,
+        "compile_reason": cfg.resolved.compile,
+        "fused_attn": fused_attn(cfg, device),
         "steps": steps,
-        "step_s": seconds,
+        "rounds": rounds,
+        "step_s": batch / images_per_s,
         "img_per_s": images_per_s,
+        "img_per_s_rounds": rates["mpp"],
         "gflop_per_img": flops / 1e9,
-        "peak_tflops": peak / 1e12 if peak else None,
-        "mfu": images_per_s * flops / peak if peak else None,
-        "final_loss": loss,
+        "peak_tflops": mfu.peak / 1e12 if mfu.peak else None,
+        "mfu": mfu(images_per_s * flops),
+        "final_loss": losses["mpp"],
     }
+    if baseline:
+        plain_per_s = statistics.median(rates["plain"])
+        result.update(plain_img_per_s=plain_per_s, plain_img_per_s_rounds=rates["plain"],
+                      plain_fused_attn=timm_fused_attn(), plain_final_loss=losses["plain"],
+                      mpp_over_plain=images_per_s / plain_per_s)
     if device.type == "cuda":
         result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result
+
+
+def timm_fused_attn() -> bool:
+    """Whether timm builds its attention layers with torch's fused kernel (its default; TIMM_FUSED_ATTN=0 turns it off)."""
+    from timm.layers import use_fused_attn
+    return use_fused_attn()
+
+
+def bench_precision(cfg: PretrainConfig) -> dict:
+    """This device's matmul rates in each precision (large square matmuls, best of 5) and what
+    `mixed_precision: auto` picks here, with its reason (from its own short probe)."""
+    device = PartialState().device
+    set_cpu_threads(cfg, device)
+    names = ["fp32", "bf16", "fp16"]
+    rates = {}
+    if device.type == "cuda":
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        rates["fp32"] = measured_matmul_peak(device, torch.float32)
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            rates["tf32"] = measured_matmul_peak(device, torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = saved
+        names = names[1:]
+    for name in names:
+        rates[name] = measured_matmul_peak(device, PRECISION_DTYPES[name])
+    decision = resolve_precision("auto", device)
+    return {"bench": "precision",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu x{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}",
+            **{f"{name}_gflops": rate / 1e9 for name, rate in rates.items()},
+            "auto": decision.value, "auto_reason": decision.reason}
 
 
 def _worker_cpu_seconds() -> float:
@@ -358,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("args", nargs="*", help="[RECIPE] key=value ...")
     train.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    train.add_argument("--rounds", type=int, default=3, help="timed blocks of --steps steps; the median counts (default 3)")
+    train.add_argument("--baseline", action="store_true",
+                       help="alternate the blocks with a plain PyTorch loop over the same model; print the ratio")
     train.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     loader = sub.add_parser("loader", help="images/s of the data pipeline against decode-only and a naive pipeline")
     loader.add_argument("spec", help="shard spec: data_tools folder or manifest, brace pattern, folder of tars")
@@ -373,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     views.add_argument("--batch", type=int, default=128)
     views.add_argument("--img-size", type=int, default=32)
     views.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    precision = sub.add_parser("precision", help="matmul rates in fp32 / bf16 / fp16 and what mixed_precision=auto picks")
+    precision.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     adamw = sub.add_parser("adamw", help="one AdamW step over the recipe's model: fused against per tensor")
     adamw.add_argument("args", nargs="*", help="[RECIPE] key=value ...")
     adamw.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -396,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             print_loader(result)
         return 0
 
-    recipe, overrides = DEFAULT_RECIPE, args.args
+    recipe, overrides = DEFAULT_RECIPE, getattr(args, "args", [])
     if overrides and "=" not in overrides[0]:
         recipe, overrides = overrides[0], overrides[1:]
     try:
@@ -404,12 +524,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = bench_train(cfg, args.steps, args.warmup) if args.bench == "train" else bench_adamw(cfg)
+    if args.bench == "train":
+        result = bench_train(cfg, args.steps, args.warmup, args.rounds, args.baseline)
+    elif args.bench == "precision":
+        result = bench_precision(cfg)
+    else:
+        result = bench_adamw(cfg)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+            if isinstance(value, list):
+                value = ", ".join(f"{v:.4g}" for v in value)
+            print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
     return 0
 
 

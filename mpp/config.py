@@ -28,7 +28,7 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"recipe {str(path)!r} not found")
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {str(path)!r} inherits from itself through _base_")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
@@ -101,6 +101,8 @@ def _union_args(tp) -> tuple | None:
 def _type_name(tp) -> str:
     if _union_args(tp):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in _union_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
@@ -164,8 +166,8 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
 
 
 # ---- Schemas. Each field's comment is its documentation; recipes/base.yaml sets them all. ----
@@ -255,10 +257,12 @@ class TrainConfig:
     steps: Union[int, None] = None  # if set, overrides epochs
     warmup_epochs: float = 40
     warmup_steps: Union[int, None] = None  # if set, overrides warmup_epochs
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    # auto: bf16 on GPUs that have it (else fp16), on CPUs only where bf16 matmuls measure faster (else no: fp32)
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     grad_clip: Union[float, None] = None
-    fused_attn: Union[bool, None] = None  # null: fused kernel on GPU, explicit matmuls on CPU (faster there)
-    compile: bool = False           # torch.compile the model: 1.25x on an AMX CPU, none on an AVX-512 one (README)
+    fused_attn: Union[bool, None] = None  # null: torch's fused kernel; explicit matmuls for bf16 on CPUs with bf16 units
+    # torch.compile the model; auto: on GPUs, and on CPUs where a trial on the run's first steps shows a gain
+    compile: Union[bool, Literal["auto"]] = "auto"
     cpu_threads: Union[int, None] = None  # on CPU; null: this process's cores / processes on the machine
     max_bad_steps: int = 10         # consecutive non-finite losses that stop the run
 
@@ -277,6 +281,15 @@ class LogConfig:
     image_every: int = 1000         # steps between reconstruction grids (one is also written at the end)
     tensorboard: bool = True
     peak_tflops: Union[float, None] = None  # device peak for MFU; null: known GPU table, or measured matmul peak on CPU
+
+
+@dataclasses.dataclass
+class Resolved:
+    """Written by the run into its saved config (any value given is replaced): what the mixed precision and
+    compile settings resolved to on its machine, and why, e.g. "auto → no (bf16 matmul 0.9 GFLOP/s vs fp32 87 on
+    this CPU)". The resolved values themselves are in their own keys, so a saved config reruns as it ran."""
+    mixed_precision: Union[str, None] = None
+    compile: Union[str, None] = None
 
 
 @dataclasses.dataclass
@@ -339,8 +352,9 @@ class EvalConfig:
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # as train.mixed_precision
     cpu_threads: Union[int, None] = None
+    resolved: Resolved = dataclasses.field(default_factory=Resolved)
 
 
 @dataclasses.dataclass
@@ -364,6 +378,7 @@ class PretrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    resolved: Resolved = dataclasses.field(default_factory=Resolved)
     knn: OnlineKnnConfig = dataclasses.field(default_factory=OnlineKnnConfig)
 
 
@@ -396,3 +411,4 @@ class FinetuneRunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    resolved: Resolved = dataclasses.field(default_factory=Resolved)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -33,8 +32,10 @@ from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from mpp.config import ConfigError, load_config, save_config, to_dict
-from mpp.flops import device_peak_flops, train_flops_per_image
+from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
 from mpp.runlog import RunLog
+from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
+                         precision_note, resolve_settings, set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -134,46 +135,6 @@ def adamw(model, lr: float, optim, device: torch.device, **timm_kwargs):
                                fused=device.type in FUSED_ADAMW_DEVICES, **timm_kwargs)
 
 
-def effective_precision(accelerator) -> str:
-    """What the matmuls really run in: accelerate runs fp32 when fp16 is asked for on a CPU."""
-    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
-        return "no"
-    return accelerator.mixed_precision
-
-
-def dynamo_backend(cfg) -> str | None:
-    """torch.compile's backend for the accelerator, when train.compile asks for it."""
-    return "inductor" if cfg.train.compile else None
-
-
-def set_cpu_threads(cfg, device: torch.device) -> None:
-    """Use this machine's cores on a CPU run. `accelerate launch` sets OMP_NUM_THREADS=1 unless given
-    --cpu, which halved the quickstart's speed on a 2-core machine (README, "Performance").
-    `cfg.train.cpu_threads` (training runs) or `cfg.cpu_threads` (evaluation configs) overrides."""
-    if device.type == "cpu":
-        threads = cfg.train.cpu_threads if hasattr(cfg, "train") else getattr(cfg, "cpu_threads", None)
-        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // processes_here))
-
-
-def cpu_ddp() -> bool:
-    """Launched as several processes on a machine without GPUs: accelerate sets up gloo DDP only if told cpu=True."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def precision_note(accelerator, asked: str, key: str = "train.mixed_precision") -> str | None:
-    """A line saying that the precision asked for is not what runs, or None."""
-    if effective_precision(accelerator) != asked:
-        return (f"{key}={asked} is not available on {accelerator.device.type}; running fp32 "
-                f"(on CPUs, bf16 is the mixed precision)")
-    return None
-
-
-def fused_attn(cfg, device: torch.device) -> bool:
-    """train.fused_attn, or its default: torch's fused kernel on GPUs, explicit matmuls on CPUs (faster there)."""
-    return cfg.train.fused_attn if cfg.train.fused_attn is not None else device.type != "cpu"
-
-
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
@@ -251,6 +212,7 @@ class Trainer:
         self.cfg = cfg
         self.cpu_ddp = cpu_ddp()
         self.state = PartialState(cpu=self.cpu_ddp)
+        resolve_settings(cfg, self.state)  # precision and compile, before anything is built from them
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint: Path | None = None
         self.accelerator: Accelerator | None = None
@@ -289,8 +251,8 @@ class Trainer:
         return self.checkpoint
 
     def open(self, plan: Schedule) -> Accelerator:
-        """The accelerator (DDP, precision, accumulation, trackers), seeded RNGs and CPU threads; writes
-        output_dir/config.yaml."""
+        """The accelerator (DDP, the resolved precision and compile, accumulation, trackers), seeded RNGs and CPU
+        threads; writes output_dir/config.yaml."""
         if not self._checked:
             self.check_resume()
         cfg = self.cfg
@@ -304,11 +266,15 @@ class Trainer:
         note = precision_note(accelerator, cfg.train.mixed_precision)
         if note:
             accelerator.print(f"note: {note}")
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+        self.save_config()
         accelerator.init_trackers("tensorboard")
         return accelerator
+
+    def save_config(self) -> None:
+        """output_dir/config.yaml: the run's config with its settings resolved (main process)."""
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.output_dir / "config.yaml")
 
     def restore(self, scheduler, plan: Schedule, *objects) -> RunState:
         """Register the run's position and `objects` (the loader, an EMA ...) for checkpointing, and load the
@@ -332,13 +298,16 @@ class Trainer:
         and its backward for each micro-batch, one update (skipped when the loss is not finite anywhere), then
         `on_update(step)` after an applied update (EMA). Metrics every log.every steps; `periodic` work when
         due; a checkpoint every checkpoint.every steps, at the end and on a stop signal, never during a
-        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. Returns whether the run
+        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. With train.compile=auto (a CPU
+        run), the first steps are a CompileTrial that decides whether to go on compiled. Returns whether the run
         is complete."""
         cfg, accelerator = self.cfg, self.accelerator
         raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
         flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans,
                                                 accelerator.device)
-        peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)
+        precision = effective_precision(accelerator)
+        mfu = Utilisation(lambda: device_peak_flops(accelerator.device, precision, cfg.log.peak_tflops),
+                          remeasure=accelerator.device.type == "cpu" and not cfg.log.peak_tflops)
 
         stop_signal = torch.zeros((), device=accelerator.device)
 
@@ -352,14 +321,25 @@ class Trainer:
                   f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
                   f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image"
                   + (f"; {summary}" if summary else ""))
+        trial = None
+        if cfg.train.compile == "auto":  # a CPU run: compiled if a trial on its first steps shows a gain
+            trial = CompileTrial(model, plan.total_steps - run.step, lambda values: accelerator.reduce(
+                torch.tensor(values, dtype=torch.float64, device=accelerator.device), "mean").tolist())
+            if trial.decision is not None:
+                trial = self._compile_decided(trial.decision)
+        mfu_left_out = False
         try:
             bad_in_row, window = 0, Window(start_step)
             model.train()
             while run.step < plan.total_steps:
                 scheduler.step_update(run.step)
                 micro_batches = (next(batches) for _ in range(plan.grad_accum))
-                loss_value, stop, grad_norm, terms = train_step(accelerator, model, optimizer, micro_batches,
-                                                                cfg.train.grad_clip, stop_signal, loss_fn)
+                began = time.perf_counter()
+                loss_value, stop, grad_norm, terms = train_step(accelerator, trial.model() if trial else model,
+                                                                optimizer, micro_batches, cfg.train.grad_clip,
+                                                                stop_signal, loss_fn)
+                if trial is not None and trial.record(time.perf_counter() - began):  # the step ended synchronised
+                    model, trial = trial.model(), self._compile_decided(trial.decision)
                 if math.isfinite(loss_value):
                     bad_in_row = 0
                 else:
@@ -389,8 +369,14 @@ class Trainer:
                                "bad_samples": run.bad_samples, **window.mean_terms()}
                     if grad_norm is not None:
                         metrics["grad_norm"] = grad_norm
-                    if peak:
-                        metrics["mfu"] = images_per_s * flops_per_image / (peak * accelerator.num_processes)
+                    utilisation = mfu(images_per_s * flops_per_image / accelerator.num_processes)
+                    if utilisation is not None:
+                        metrics["mfu"] = utilisation
+                    elif mfu.peak and not mfu_left_out:
+                        mfu_left_out = True
+                        log.print(f"note: mfu left out of the metrics: the step's FLOP/s exceed the device peak "
+                                  f"({mfu.peak / 1e12:.3g} TFLOP/s, measured twice), which cannot be; set "
+                                  f"log.peak_tflops to the device's true peak")
                     log.record(run.step, metrics)
                     window = Window(run.step)
                 # Periodic work (evaluation, images); its time is kept out of img/s, a training figure.
@@ -413,6 +399,12 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         return run.step >= plan.total_steps
+
+    def _compile_decided(self, decision) -> None:
+        """A CompileTrial's decision: into the config (saved again), and said."""
+        self.cfg.train.compile, self.cfg.resolved.compile = decision.value, decision.reason
+        self.save_config()
+        self.log.print(f"train.compile: {decision.reason}")
 
 
 def main(train: Callable, schema: type, doc: str, argv: list[str] | None = None) -> int:

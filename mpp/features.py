@@ -19,7 +19,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
 from mpp.config import ConfigError, to_dict
-from mpp.engine import cpu_ddp, effective_precision, set_cpu_threads
+from mpp.runtime import cpu_ddp, effective_precision, resolve_settings, set_cpu_threads
 from mpp.data import ShardLoader
 from mpp.data.loader import EpochPlan, split_batches
 from mpp.models import build_encoder as build_model_encoder, build_model
@@ -40,9 +40,9 @@ def require_ckpt(ckpt, script: str, recipe: str = "RECIPE") -> None:
 
 
 def eval_accelerator(cfg) -> Accelerator:
-    """The accelerator of an evaluation script: gloo DDP when launched as several CPU processes, and this
-    process's share of the cores on a CPU (the training jobs' rules, mpp/engine.py)."""
-    PartialState(cpu=cpu_ddp())
+    """The accelerator of an evaluation script: gloo DDP when launched as several CPU processes, this process's
+    share of the cores on a CPU, and cfg.mixed_precision resolved in place (the training jobs' rules, mpp/runtime.py)."""
+    resolve_settings(cfg, PartialState(cpu=cpu_ddp()))
     accelerator = Accelerator(cpu=cpu_ddp(), mixed_precision=cfg.mixed_precision)
     set_cpu_threads(cfg, accelerator.device)  # cfg.cpu_threads
     return accelerator

@@ -5,12 +5,14 @@ FlopCounterMode on a real forward, so any objective or tokenizer is counted with
 """
 from __future__ import annotations
 
-import time
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (SXM parts), FLOP/s.
+from mpp.runtime import PRECISION_DTYPES, matmul_rate
+
+# Dense bf16/fp16 tensor-core peaks (TF32: half of these) from the vendors' datasheets (SXM parts), FLOP/s.
 GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
     "L4": 121e12, "A10": 125e12, "V100": 125e12, "RTX 4090": 165e12, "B200": 2250e12,
@@ -24,31 +26,49 @@ def train_flops_per_image(model: torch.nn.Module, img_size: int, in_chans: int, 
     return 3 * counter.get_total_flops() / imgs.shape[0]
 
 
-def measured_matmul_peak(device, dtype: torch.dtype, size: int = 2048, trials: int = 5) -> float:
-    """FLOP/s of a large square matmul, the best of a few trials (one trial varies by 20% on a
-    shared CPU): the ceiling a CPU reaches, where no datasheet figure applies."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+def measured_matmul_peak(device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul (up to 2048, sized down for a dtype the device emulates), the best of five
+    trials after warm-up: the ceiling a CPU reaches, where no datasheet figure applies."""
+    return matmul_rate(device, dtype, min_seconds=0.02, max_size=2048, trials=5)
 
 
-def device_peak_flops(device: torch.device, mixed_precision: str, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s for MFU: the override, else the GPU's datasheet figure, else (CPU) the measured matmul peak."""
+def _tensor_core_peak(device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def device_peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of `precision` as it runs (bf16 | fp16 | no): the override, else the GPU's datasheet figure
+    (fp32 in TF32: half the bf16 one on these parts; plain fp32: none, MFU left out), else (CPU) the measured
+    matmul peak of that dtype."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-        # fp32 runs without tensor cores at roughly 1/15 of the bf16 peak on these parts: MFU is not comparable.
-        return peak if mixed_precision in ("bf16", "fp16") else None
+        peak = _tensor_core_peak(device)
+        if precision in ("bf16", "fp16"):
+            return peak
+        return peak / 2 if peak and torch.backends.cuda.matmul.allow_tf32 else None
     if device.type == "cpu":
-        return measured_matmul_peak(device, torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
+        return measured_matmul_peak(device, PRECISION_DTYPES["bf16" if precision == "bf16" else "fp32"])
     return None
+
+
+class Utilisation:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak. A figure above 1 is impossible: it means the peak was
+    measured low (the machine busy with other work at the time). The peak is then measured again, the higher kept,
+    and a figure still above 1 is left out (None), never reported.
+
+        mfu = Utilisation(lambda: device_peak_flops(device, precision), remeasure=device.type == "cpu")
+        mfu(flops_per_s)  # a fraction in (0, 1], or None
+    """
+
+    def __init__(self, measure_peak: Callable[[], float | None], remeasure: bool = True):
+        self.measure_peak, self.remeasure = measure_peak, remeasure
+        self.peak = measure_peak()
+
+    def __call__(self, flops_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        if flops_per_s > self.peak and self.remeasure:
+            self.peak = max(self.peak, self.measure_peak() or 0.0)
+        return flops_per_s / self.peak if flops_per_s <= self.peak else None

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, QUICKSTART, REPO, pretrain_command, quick_config, run_train, subprocess_env
-from mpp.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
+from conftest import BASE, QUICKSTART, RECIPES, REPO, pretrain_command, quick_config, run_train, subprocess_env
+from mpp.config import (ConfigError, EvalConfig, FinetuneRunConfig, PretrainConfig, load_config, save_config,
+                        to_dict)
 
 
 def write(path: Path, text: str) -> Path:
@@ -85,7 +86,7 @@ def test_quickstart_inherits_base_values():
     assert cfg.optim.betas == [0.9, 0.95]
     assert cfg.model.mask.ratio == 0.75 and cfg.model.target.norm_pix is True
     assert cfg.model.decoder.dim == 128 and cfg.model.decoder.heads == 4 and cfg.model.decoder.depth == 2
-    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.train.mixed_precision == "auto" and cfg.train.compile == "auto"
     assert cfg.resume == "auto"
     assert cfg.output_dir == str(Path("runs") / "quickstart")  # default runs/<recipe name>
 
@@ -212,5 +213,23 @@ def test_mixed_precision_no_survives_yaml_booleans():
     # YAML 1.1 reads a bare `no` as false; the choice must still come out as accelerate's "no".
     cfg = load_config(PretrainConfig, QUICKSTART, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
-    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*bf16, fp16, no"):
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*auto, bf16, fp16, no"):
         load_config(PretrainConfig, QUICKSTART, ["train.mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_compile_takes_auto_or_a_boolean(value, expected):
+    assert load_config(PretrainConfig, QUICKSTART, [f"train.compile={value}"]).train.compile == expected
+    with pytest.raises(ConfigError, match=r"'train\.compile' expects bool or auto"):
+        load_config(PretrainConfig, QUICKSTART, ["train.compile=sometimes"])
+
+
+@pytest.mark.parametrize("schema, recipes", [
+    (PretrainConfig, ["base", "quickstart", "cifar10"]), (FinetuneRunConfig, ["finetune", "finetune_quickstart"]),
+    (EvalConfig, ["linprobe", "linprobe_quickstart", "linprobe_cifar10"])])
+def test_every_stage_and_recipe_defaults_to_auto(schema, recipes):
+    for cfg in [schema()] + [load_config(schema, RECIPES / f"{name}.yaml") for name in recipes]:
+        section = cfg.train if hasattr(cfg, "train") else cfg
+        assert section.mixed_precision == "auto"
+        if hasattr(cfg, "train"):
+            assert cfg.train.compile == "auto"

@@ -189,7 +189,7 @@ def test_probe_of_pretrained_checkpoint_beats_random_init(tmp_path):
     common = ["model.encoder=tiny", "model.img_size=32", "model.patch_size=4", f"data.train={SAMPLE_DATA}",
               "data.num_workers=1", "data.batch_size=128", "data.crop_pct=1.0", "features.pool=mean",
               "probe.augment=false", "probe.batch_size=1024", "probe.epochs=90", "probe.warmup_epochs=10",
-              "probe.optimizer=adamw", "probe.base_lr=0.01", "mixed_precision=bf16"]
+              "probe.optimizer=adamw", "probe.base_lr=0.01", "mixed_precision=auto"]
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("{}\n")
     scores = {}

@@ -78,7 +78,10 @@ def checkpoint_steps(output_dir) -> list[int]:
 
 
 def subprocess_env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    """The environment of a child process: this checkout's mpp first on its path (the package may be installed
+    in editable mode from another checkout, which a script under tests/ would otherwise import)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
 
 
 def pretrain_command(*args: str) -> list[str]:

@@ -94,6 +94,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, *
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     previous = list_checkpoints(output_dir)
     kept = f"the last complete checkpoint, {previous[-1]}, is untouched" if previous else "no checkpoint was saved"
+    if previous:  # the next checkpoint is the size of the last one, the best estimate when a write fails
+        last_size = sum(p.stat().st_size for p in previous[-1].iterdir() if p.is_file())
     if accelerator.is_main_process:  # leftovers of saves that were killed mid-write
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_step_*"):
@@ -111,11 +113,13 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, *
             (tmp / STATE_FILE).write_text(json.dumps({"format": STATE_FORMAT, **state}, indent=1) + "\n")
             for name, module in (modules or {}).items():
                 save_model(module, str(tmp / f"{name}.safetensors"))
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"writing checkpoint {final} failed ({err}); {_space_note(root, needed_bytes)}. Free some "
-                      f"space there (or lower checkpoint.keep), then continue with resume=auto; {kept}") from err
+        needed = max(needed_bytes or 0, last_size if previous else 0) or None
+        raise OSError(f"writing checkpoint {final} failed ({first_line(err)}); is the disk full? "
+                      f"{_space_note(root, needed)}. Free some space there (or lower checkpoint.keep), then "
+                      f"continue with resume=auto; {kept}") from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -140,9 +144,13 @@ class SavedCheckpoint:
     rng_note: str | None = None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+def first_line(err: BaseException) -> str:
+    """`Type: first sentence` of an error: torch's and safetensors' run to paragraphs (with terminal colours)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 100 and ". " in text:
+        text = text[:text.index(". ")]
+    return f"{type(err).__name__}: {text}".rstrip(": ")
 
 
 def _damaged(path: Path, problem: str) -> CheckpointError:
@@ -157,8 +165,8 @@ def _torch_load(path: Path, **kwargs):
     try:
         return load(str(path), map_location="cpu", weights_only=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - whatever the damage, one line naming the file
-        raise _damaged(path, f"is not a weights-only torch file ({_first_line(err)}); it is damaged or was "
-                             f"not written by mpp, and mpp does not unpickle anything else") from None
+        raise _damaged(path, f"cannot be read as weights-only torch data ({first_line(err)}): it is damaged, or "
+                             f"holds pickled objects, which mpp never loads") from None
 
 
 def read_checkpoint(checkpoint: Path, process_index: int, *, model_file: bool = True) -> SavedCheckpoint:
@@ -179,7 +187,7 @@ def read_checkpoint(checkpoint: Path, process_index: int, *, model_file: bool = 
     try:
         config = yaml.safe_load(config_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise _damaged(config_path, f"is not valid YAML ({_first_line(err)})") from None
+        raise _damaged(config_path, f"is not valid YAML ({first_line(err)})") from None
     if not isinstance(config, dict):
         raise _damaged(config_path, "is not a mapping of config keys")
 
@@ -189,7 +197,7 @@ def read_checkpoint(checkpoint: Path, process_index: int, *, model_file: bool = 
     try:
         state = json.loads(state_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise _damaged(state_path, f"is not valid JSON ({_first_line(err)})") from None
+        raise _damaged(state_path, f"is not valid JSON ({first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise _damaged(state_path, f"is not mpp run state of format {STATE_FORMAT}")
     state.pop("format")
@@ -230,7 +238,7 @@ def check_safetensors(path: Path, expected: dict[str, tuple] | None = None) -> N
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise _damaged(path, f"is not a safetensors file ({_first_line(err)})") from None
+        raise _damaged(path, f"is not a safetensors file ({first_line(err)})") from None
     if expected is None:
         return
     shapes, expected = _plain_names(shapes), _plain_names(expected)

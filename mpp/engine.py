@@ -33,7 +33,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
-                            list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint, tensor_bytes)
+                            first_line, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint,
+                            tensor_bytes)
 from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import device_peak_flops, train_flops_per_image
 from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
@@ -350,10 +351,8 @@ class Trainer:
             run.load_state_dict(saved.state["run"])
             loader.load_state_dict(saved.state["loader"])
         except Exception as err:  # noqa: BLE001 - one line naming the checkpoint, not a traceback
-            text = str(err).strip().splitlines()
-            raise CheckpointError(f"cannot resume from {path}: loading it failed ({type(err).__name__}: "
-                                  f"{text[0] if text else ''}). Resume from an earlier checkpoint (resume=PATH) or "
-                                  f"start afresh in another output_dir") from None
+            raise CheckpointError(f"cannot resume from {path}: loading it failed ({first_line(err)}). Resume from "
+                                  f"an earlier checkpoint (resume=PATH) or start afresh in another output_dir") from None
         for name, module in modules.items():
             load_model(module, str(path / f"{name}.safetensors"))
         run.rng_states = saved.rng

@@ -112,6 +112,8 @@ def plan_schedule(cfg, num_processes: int, num_samples: int) -> Schedule:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
             f"x {num_processes} processes = {per_step}; change either so that it is")
+    if t.steps is None and not t.epochs > 0:
+        raise ConfigError(f"train.epochs={t.epochs} trains nothing: set it above 0, or set train.steps")
     steps_per_epoch = max(1, num_samples // t.batch_size)
     total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)

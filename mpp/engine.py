@@ -385,10 +385,13 @@ class Trainer:
                                                 accelerator.device)
         peak = device_peak_flops(accelerator.device, cfg.train.mixed_precision, cfg.log.peak_tflops)
 
-        stop_signal = torch.zeros((), device=accelerator.device)
+        stop_signal = torch.zeros((), device=accelerator.device)  # this process's request, reduced every step
+        stop_requested = []
 
         def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
-            stop_signal.fill_(1.0)
+            # Only a Python flag: a handler runs wherever the main thread is, also inside torch.compile's tracing,
+            # where a tensor operation would be traced or refused (fake tensors); the loop turns it into stop_signal.
+            stop_requested.append(signum)
         previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         start_step = run.step
@@ -408,6 +411,8 @@ class Trainer:
             model.train()
             while run.step < plan.total_steps:
                 scheduler.step_update(run.step)
+                if stop_requested:
+                    stop_signal.fill_(1.0)
                 micro_batches = (next(batches) for _ in range(plan.grad_accum))
                 loss_value, stop, grad_norm, terms = train_step(accelerator, model, optimizer, micro_batches,
                                                                 cfg.train.grad_clip, stop_signal, loss_fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -312,6 +313,32 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == list(range(1, 26))  # no step lost, none repeated
     assert checkpoint_steps(tmp_path) == [stop_step, 25]
+
+
+def test_sigterm_while_torch_compile_traces_ends_as_documented(tmp_path, monkeypatch, capsys):
+    # The signal lands while dynamo traces the first step, under fake tensors, where a tensor operation in the
+    # handler used to fail the compilation (BackendCompilerFailed). The eager backend: the same tracing, without
+    # inductor's code generation (most of a minute here).
+    import mpp.engine
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(mpp.engine, "dynamo_backend", lambda cfg: "eager" if cfg.train.compile else None)
+    real_enter, sent = FakeTensorMode.__enter__, []
+
+    def enter(self):
+        mode = real_enter(self)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return mode
+    monkeypatch.setattr(FakeTensorMode, "__enter__", enter)
+    try:
+        run_train(quick_config(tmp_path, "train.steps=6", "train.compile=true", "log.every=1"))
+    finally:
+        torch._dynamo.reset()
+    assert sent
+    (stop_step,) = checkpoint_steps(tmp_path)
+    assert stop_step < 6 and f"stopped by signal at step {stop_step}; continue with resume=auto" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, stop_step + 1))
 
 
 # ---- 8. two-process DDP on the CPU ----

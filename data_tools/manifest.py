@@ -46,11 +46,9 @@ def read_rejected(out_dir):
 
 
 def write_rejected(out_dir, entries):
-    """One JSON object a line: split, shard, key, source, reason, detail. No file when empty."""
+    """One JSON object a line: split, shard, key, source, reason, detail. Empty when nothing was rejected
+    (always written, so that its absence never has to be read as "nothing rejected")."""
     path = Path(out_dir) / REJECTED_NAME
-    if not entries:
-        path.unlink(missing_ok=True)
-        return
     temp = path.with_name(path.name + ".tmp")
     temp.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
     temp.replace(path)

@@ -24,7 +24,7 @@ from PIL import Image
 from data_tools import manifest as manifests
 from data_tools.images import OUTPUT_FORMATS, Encoding, pixel_limit
 from data_tools.parallel import available_cpus, run_tasks
-from data_tools.plan import keyed, plan_shards, probe_size_ratio, select, split
+from data_tools.plan import keyed, plan_shards, probe_size_ratio, sample_bytes, select, split, tar_bytes
 from data_tools.sources import SourceError, open_source
 from data_tools.writer import ShardJob, write_json_atomically, write_shard
 
@@ -126,17 +126,31 @@ def shard(src, out_dir, options=ShardOptions(), workers=1, overwrite=False, prog
         run_tasks(partial(write_shard, job), todo, workers, sum(len(p.samples) for p in todo),
                   lambda record: written.update({record["name"]: record}),
                   description=f"{options.prefix} -> {out_dir}", progress=progress)
+        write_seconds = time.perf_counter() - write_started
+        records = {**finished, **written}
+        manifest = publish(out_dir, state_dir, plans, records, identity, source.classes, options)
     except KeyboardInterrupt:
         raise ShardError("interrupted; run the same command again to finish the remaining shards") from None
-    write_seconds = time.perf_counter() - write_started
-
-    records = {**finished, **written}
-    manifest = publish(out_dir, state_dir, plans, records, identity, source.classes, options)
+    except OSError as error:
+        raise ShardError(write_failure(error, out_dir, state_dir, plans, size_ratio)) from None
     log(summary(manifest, options, out_dir, records, len(finished), written, write_seconds,
                 time.perf_counter() - started, workers, source.ignored))
     if all(manifest["splits"][name]["num_samples"] == 0 for name in options.split_names):
         raise ShardError(f"every image was rejected; the reasons are in {out_dir / manifests.REJECTED_NAME}")
     return manifest
+
+
+def write_failure(error, out_dir, state_dir, plans, size_ratio):
+    """The one line for a shard run that could not write (a full disk): what failed, the bytes the unwritten
+    shards need and the space there is, and that a re-run keeps the finished shards."""
+    done = {path.name.removesuffix(".json") for path in state_dir.glob("*.json") if path.name != STATE_FILE}
+    left = [p for p in plans if p.name not in done]
+    needed = sum(tar_bytes(sum(sample_bytes(sample, size_ratio) for sample in p.samples)) for p in left)
+    free = shutil.disk_usage(out_dir).free
+    return (f"writing {error.filename or out_dir} failed: {error.strerror or error}. The {plural(len(left), 'shard')} "
+            f"not yet written need up to {needed / 1e6:,.1f} MB ({needed:,} bytes); {out_dir} has "
+            f"{free / 1e6:,.1f} MB free. Free some space there, then run the same command again: the "
+            f"{plural(len(done), 'finished shard')} are kept")
 
 
 def read_source(src, options):

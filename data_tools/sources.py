@@ -126,6 +126,15 @@ def is_gzip(path):
         return file.read(2) == b"\x1f\x8b"
 
 
+def is_folder(entry):
+    """Whether a folder entry is a folder, through symlinks; a link that cannot be followed (it loops, or
+    points nowhere) is not, so that an image name on it is listed, then rejected as unreadable."""
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: "Too many levels of symbolic links"
+        return False
+
+
 def list_folder(root):
     files = []  # (relative path, size, mtime_ns)
     ignored = 0
@@ -142,13 +151,13 @@ def list_folder(root):
                 relative = prefix + entry.name
                 if entry.name.startswith("."):
                     ignored += 1
-                elif entry.is_dir():  # follows symlinks: datasets are often assembled from links
+                elif is_folder(entry):  # follows symlinks: datasets are often assembled from links
                     walk(Path(entry.path), relative + "/")
                 elif is_image_name(entry.name):
                     try:
                         info = entry.stat()
                         files.append((relative, info.st_size, info.st_mtime_ns))
-                    except OSError:  # a dangling link: listed, and rejected when read
+                    except OSError:  # a dangling or looping link: listed, and rejected when read
                         files.append((relative, None, None))
                 else:
                     ignored += 1

@@ -93,9 +93,12 @@ def write_shard(job, plan, report=lambda count: None):
                     writer.write(encode_sample(sample, prepared))
                     num_samples += 1
                 report(1)
+        os.replace(temp_path(path), path)
+    except OSError as error:  # writing failed (a full disk): leave no half shard behind, and free its space
+        temp_path(path).unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None  # names the shard, and pickles whole
     finally:
         job.reader.close()  # a worker receives a fresh copy of the reader with every shard
-    os.replace(temp_path(path), path)
     record = {
         "name": plan.name,
         "num_samples": num_samples,

@@ -28,8 +28,11 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"recipe {str(path)!r} not found")
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {str(path)!r} inherits from itself through _base_")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise yaml_error(f"recipe {str(path)!r}", err) from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
     bases = data.pop("_base_", [])
@@ -37,6 +40,18 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> dict:
     for base in [bases] if isinstance(bases, str) else bases:
         merged = deep_merge(merged, read_recipe(path.parent / base, _seen + (path.resolve(),)))
     return deep_merge(merged, data)
+
+
+def yaml_error(where: str, err: yaml.YAMLError) -> ConfigError:
+    """One line for YAML that does not parse: where (line, column), what is wrong, and in what."""
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    place = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context = getattr(err, "context", None)
+    if context:
+        what += f" ({context}" + (f" from line {context_mark.line + 1}, column {context_mark.column + 1}"
+                                  if context_mark else "") + ")"
+    return ConfigError(f"{where}{place}: {what}; fix the YAML there")
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -62,7 +77,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[leaf] = yaml.safe_load(raw) if raw else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise yaml_error(f"override {item!r}: its value", err) from None
     return data
 
 
@@ -79,10 +97,45 @@ def from_dict(schema: type, data: dict, prefix: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(sorted(prefix + k for k in fields))}"
             raise ConfigError(f"unknown config key {name!r}{hint}")
         kwargs[key] = _check(hints[key], value, name)
+        _check_range(name, kwargs[key])
     cfg = schema(**kwargs)
     if hasattr(cfg, "validate"):  # checks across keys, e.g. combinations that cannot be built
         cfg.validate(prefix)
     return cfg
+
+
+# Counts whose out-of-range values would otherwise do nothing, or fail far from the key (a section.key names the
+# key in any section of that name: data.num_workers is also knn.data.num_workers) -> (least value, what it means).
+LIMITS = {
+    "train.steps": (1, "optimizer steps; null: train.epochs decides"),
+    "train.batch_size": (1, "images per optimizer step"),
+    "train.micro_batch_size": (1, "images per forward pass"),
+    "train.warmup_steps": (0, "steps of linear warm-up"),
+    "train.warmup_epochs": (0, "epochs of linear warm-up"),
+    "train.max_bad_steps": (1, "non-finite steps in a row that stop the run"),
+    "train.cpu_threads": (1, "threads; null: this process's share of the cores"),
+    "data.num_workers": (0, "loader processes; 0 loads in the training process"),
+    "data.shuffle_buffer": (0, "samples in the shuffle buffer"),
+    "data.batch_size": (1, "images per batch"),
+    "data.num_samples": (1, "samples in the shards"),
+    "log.every": (1, "steps between metric records"),
+    "log.image_every": (0, "steps between reconstruction grids; 0: only at the end"),
+    "checkpoint.every": (1, "steps between checkpoints"),
+    "checkpoint.keep": (0, "checkpoints kept; 0: all"),
+    "knn.every": (0, "steps between kNN evaluations; 0: off"),
+    "probe.batch_size": (1, "the probe's largest batch"),
+    "probe.epochs": (1, "epochs of the probe"),
+    "probe.min_steps": (1, "the probe's fewest head updates"),
+    "probe.min_epoch_steps": (1, "the probe's fewest head updates an epoch"),
+}
+
+
+def _check_range(name: str, value) -> None:
+    section_key = ".".join(name.split(".")[-2:])
+    if section_key in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        least, meaning = LIMITS[section_key]
+        if value < least:
+            raise ConfigError(f"config key {name!r} must be at least {least} ({meaning}), got {value!r}")
 
 
 def _nested_keys(schema: type, prefix: str) -> list[str]:

@@ -5,10 +5,11 @@ of one; everything that decides *when* things happen lives here, once.
 
     with Trainer(cfg) as trainer:              # processes (gloo DDP on CPUs)
         loader = ...; plan = plan_schedule(cfg, trainer.num_processes, loader.num_samples)
-        trainer.check_resume(shape_settings)   # refuses a bad resume before anything is written
-        accelerator = trainer.open(plan)       # accelerator, seed, threads, output_dir/config.yaml
+        trainer.check_resume(shape_settings)   # refuses a bad resume (or checkpoint) before anything is written
+        accelerator = trainer.open(plan)       # accelerator, seed, threads
         ... build and prepare the model and optimizer ...
-        run = trainer.restore(scheduler, plan, loader)  # registers them for checkpoints; loads one if resuming
+        run = trainer.restore(model, optimizer, scheduler, plan, loader)  # loads a checkpoint if resuming;
+                                               # writes output_dir/config.yaml
         trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, loss_fn, periodic=[...])
 
 `cfg` is any run config with output_dir, seed, resume, model, train, optim, log and checkpoint
@@ -26,14 +27,17 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from mpp.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
+                            first_line, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint,
+                            tensor_bytes)
 from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
-from mpp.runlog import RunLog
+from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
 from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
                          precision_note, resolve_settings, set_cpu_threads)
 
@@ -55,6 +59,7 @@ class RunState:
         self.bad_samples = 0  # corrupt samples the loader skipped, all processes, as of the last metrics record
         self.reported_bad = 0  # this process's loader count already in bad_samples (not saved: the loader restarts at 0)
         self.saved_lr_schedule = None
+        self.rng_states = None  # a resumed run's RNG states, set just before its first step (see Trainer.fit)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "bad_steps": self.bad_steps, "bad_samples": self.bad_samples,
@@ -109,6 +114,8 @@ def plan_schedule(cfg, num_processes: int, num_samples: int) -> Schedule:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
             f"x {num_processes} processes = {per_step}; change either so that it is")
+    if t.steps is None and not t.epochs > 0:
+        raise ConfigError(f"train.epochs={t.epochs} trains nothing: set it above 0, or set train.steps")
     steps_per_epoch = max(1, num_samples // t.batch_size)
     total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
@@ -141,14 +148,9 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
-def check_resumable(checkpoint: Path, settings: dict) -> None:
+def check_resumable(checkpoint: Path, saved: dict, settings: dict) -> None:
     """A checkpoint of another model shape cannot continue this run: say so before loading it.
-    `settings`: dotted config keys that shape what is saved -> this run's values."""
-    import yaml
-    saved_path = checkpoint / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    `saved`: the checkpoint's config; `settings`: dotted config keys that shape what is saved -> this run's values."""
     diff = {k: (_lookup(saved, k), v) for k, v in settings.items() if _lookup(saved, k) != v}
     if diff:
         raise ConfigError(f"cannot resume from {checkpoint}: its model differs from this run's "
@@ -171,6 +173,15 @@ class Periodic:
 
     def due(self, step: int, last: bool) -> bool:
         return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
+
+
+def step_batches(batches: Iterator, count: int, stop_requested: list, stop_signal: torch.Tensor) -> Iterator:
+    """A step's `count` micro-batches; once they are used, a stop requested meanwhile (a signal handler's flag)
+    becomes stop_signal, which the step reduces next: the step during which a signal arrives is the last."""
+    for _ in range(count):
+        yield next(batches)
+    if stop_requested:
+        stop_signal.fill_(1.0)
 
 
 def train_step(accelerator, model, optimizer, micro_batches: Iterable, grad_clip: float | None,
@@ -215,6 +226,7 @@ class Trainer:
         resolve_settings(cfg, self.state)  # precision and compile, before anything is built from them
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint: Path | None = None
+        self.saved: SavedCheckpoint | None = None  # the checkpoint's files, read and checked by check_resume
         self.accelerator: Accelerator | None = None
         self.log: RunLog | None = None
         self._checked = False
@@ -246,16 +258,26 @@ class Trainer:
                               " continue it with resume=auto, or start afresh in another output_dir")
         self.checkpoint = resolve_resume(self.cfg.resume, self.output_dir)
         if self.checkpoint is not None:
-            check_resumable(self.checkpoint, model_settings(self.cfg) if settings is None else settings)
+            self.saved = read_checkpoint(self.checkpoint, self.process_index, model_file=self._model_file)
+            check_resumable(self.checkpoint, self.saved.config,
+                            model_settings(self.cfg) if settings is None else settings)
         self._checked = True
         return self.checkpoint
 
+    @property
+    def _model_file(self) -> bool:
+        """Whether checkpoints hold the weights as model.safetensors (FSDP saves a layout of its own)."""
+        return self.state.distributed_type != DistributedType.FSDP
+
     def open(self, plan: Schedule) -> Accelerator:
         """The accelerator (DDP, the resolved precision and compile, accumulation, trackers), seeded RNGs and CPU
-        threads; writes output_dir/config.yaml."""
+        threads."""
         if not self._checked:
             self.check_resume()
         cfg = self.cfg
+        # accelerate keeps one AcceleratorState per process and ignores a later Accelerator's precision and compile
+        # settings; a process that runs several jobs (a notebook, the tests) gives each its own.
+        AcceleratorState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=self.cpu_ddp, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
             log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(self.output_dir),
@@ -266,7 +288,8 @@ class Trainer:
         note = precision_note(accelerator, cfg.train.mixed_precision)
         if note:
             accelerator.print(f"note: {note}")
-        self.save_config()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("tensorboard")
         return accelerator
 
@@ -276,20 +299,57 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.output_dir / "config.yaml")
 
-    def restore(self, scheduler, plan: Schedule, *objects) -> RunState:
-        """Register the run's position and `objects` (the loader, an EMA ...) for checkpointing, and load the
-        checkpoint chosen by check_resume, if any."""
+    def restore(self, model, optimizer, scheduler, plan: Schedule, loader, modules: dict | None = None) -> RunState:
+        """Keep the run's position, the loader and `modules` (extra weights, e.g. {"ema": ...}) for checkpoints,
+        load the checkpoint chosen by check_resume, if any (its shapes checked first), and write
+        output_dir/config.yaml (only then: a refused checkpoint leaves its run's config as it was)."""
         accelerator, run = self.accelerator, RunState(scheduler)
-        accelerator.register_for_checkpointing(run, *objects)
-        if self.checkpoint is not None:
-            accelerator.load_state(str(self.checkpoint))
+        self._saved_objects = (run, loader, dict(modules or {}), model, optimizer)
+        if self.saved is not None:
+            self._load(self.saved, run, model, optimizer, loader, dict(modules or {}))
             accelerator.print(f"resumed from {self.checkpoint} at step {run.step}"
                               + (f": the run is complete ({plan.total_steps} steps)"
                                  if run.step >= plan.total_steps else ""))
             if run.saved_lr_schedule != scheduler.state_dict():
                 accelerator.print("note: the lr schedule differs from the checkpoint's (train.steps, epochs or optim "
                                   "changed); following this run's config from the resumed step")
+        self.save_config()
         return run
+
+    def _load(self, saved: SavedCheckpoint, run: RunState, model, optimizer, loader, modules: dict) -> None:
+        from safetensors.torch import load_model
+        accelerator, path = self.accelerator, saved.path
+        if self._model_file:
+            raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+            check_safetensors(path / MODEL_FILE, {k: v.shape for k, v in raw.state_dict().items()})
+        groups = [len(group["params"]) for group in optimizer.param_groups]
+        if saved.optimizer_groups is not None and saved.optimizer_groups != groups:
+            raise CheckpointError(f"cannot resume from {path}: optimizer.bin holds parameter groups of "
+                                  f"{saved.optimizer_groups} tensors, this run's optimizer {groups}; resume with "
+                                  f"the settings it was trained with, or start afresh in another output_dir")
+        for name, module in modules.items():
+            check_safetensors(path / f"{name}.safetensors", {k: v.shape for k, v in module.state_dict().items()})
+        try:
+            accelerator.load_state(str(path))  # every file it reads was checked above: weights only, no pickles
+            run.load_state_dict(saved.state["run"])
+            loader.load_state_dict(saved.state["loader"])
+        except Exception as err:  # noqa: BLE001 - one line naming the checkpoint, not a traceback
+            raise CheckpointError(f"cannot resume from {path}: loading it failed ({first_line(err)}). Resume from "
+                                  f"an earlier checkpoint (resume=PATH) or start afresh in another output_dir") from None
+        for name, module in modules.items():
+            load_model(module, str(path / f"{name}.safetensors"))
+        run.rng_states = saved.rng
+        if saved.rng_note:
+            accelerator.print(f"note: {saved.rng_note}")
+
+    def save(self, step: int) -> None:
+        """A checkpoint of the run at `step` (collective)."""
+        run, loader, modules, model, optimizer = self._saved_objects
+        raw = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        needed = tensor_bytes(raw.state_dict(), optimizer.state_dict(), *(m.state_dict() for m in modules.values()))
+        save_checkpoint(self.accelerator, self.output_dir, step, self.cfg.checkpoint.keep, config=to_dict(self.cfg),
+                        state={"run": run.state_dict(), "loader": loader.state_dict()}, modules=modules,
+                        needed_bytes=needed)
 
     def fit(self, run: RunState, model, optimizer, scheduler, loader, plan: Schedule, batches: Iterator,
             loss_fn: Callable, *, summary: str = "", periodic: list[Periodic] = (),
@@ -309,18 +369,27 @@ class Trainer:
         mfu = Utilisation(lambda: device_peak_flops(accelerator.device, precision, cfg.log.peak_tflops),
                           remeasure=accelerator.device.type == "cpu" and not cfg.log.peak_tflops)
 
-        stop_signal = torch.zeros((), device=accelerator.device)
+        stop_signal = torch.zeros((), device=accelerator.device)  # this process's request, reduced every step
+        stop_requested = []
 
         def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
-            stop_signal.fill_(1.0)
+            # Only a Python flag: a handler runs wherever the main thread is, also inside torch.compile's tracing,
+            # where a tensor operation would be traced or refused (fake tensors); the loop turns it into stop_signal.
+            stop_requested.append(signum)
         previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         start_step = run.step
+        if accelerator.is_main_process:  # the steps after start_step are done again: a reader sees each once
+            drop_records_after(self.output_dir / METRICS_FILE, start_step)
         self.log = log = RunLog(accelerator, self.output_dir, plan.total_steps, start_step)
         log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
                   f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
                   f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image"
                   + (f"; {summary}" if summary else ""))
+        if run.rng_states is not None:
+            # A resumed run's RNG is set here, after the FLOP count and the peak measurement above have drawn
+            # from it as they do in every run: its steps then draw what the uninterrupted run's did.
+            apply_rng_states(run.rng_states)
         trial = None
         if cfg.train.compile == "auto":  # a CPU run: compiled if a trial on its first steps shows a gain
             trial = CompileTrial(model, plan.total_steps - run.step, lambda values: accelerator.reduce(
@@ -333,7 +402,7 @@ class Trainer:
             model.train()
             while run.step < plan.total_steps:
                 scheduler.step_update(run.step)
-                micro_batches = (next(batches) for _ in range(plan.grad_accum))
+                micro_batches = step_batches(batches, plan.grad_accum, stop_requested, stop_signal)
                 began = time.perf_counter()
                 loss_value, stop, grad_norm, terms = train_step(accelerator, trial.model() if trial else model,
                                                                 optimizer, micro_batches, cfg.train.grad_clip,
@@ -391,7 +460,7 @@ class Trainer:
                     window.start += time.perf_counter() - began
                 # Weights that gave a non-finite loss must not push good checkpoints out.
                 if bad_in_row == 0 and (run.step % cfg.checkpoint.every == 0 or last or stop):
-                    save_checkpoint(accelerator, self.output_dir, run.step, cfg.checkpoint.keep, config=to_dict(cfg))
+                    self.save(run.step)
                 if stop:
                     log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
                     break

@@ -157,7 +157,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
         raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
         if ema is not None:
             ema.set(raw_model)  # DDP broadcast process 0's weights: the average starts from them everywhere
-        run = trainer.restore(scheduler, plan, loader, *([ema] if ema is not None else []))
+        run = trainer.restore(model, optimizer, scheduler, plan, loader, {"ema": ema} if ema is not None else None)
 
         mixup, criterion = build_loss(f, num_classes)
         device = accelerator.device

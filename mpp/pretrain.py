@@ -78,7 +78,7 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
 
         model, optimizer, scheduler = build_training(cfg, plan, accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
-        run = trainer.restore(scheduler, plan, loader)  # the loader's state: its epoch and batches consumed
+        run = trainer.restore(model, optimizer, scheduler, plan, loader)  # the loader's state: its epoch and batches
 
         # Previews and kNN run the module itself: under train.compile they would each compile graphs of their own
         # (eval mode, no grad) for a call every thousand steps.

@@ -2,18 +2,42 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` in a JSONL metrics file, atomically. A run resumed at `step` does
+    the later steps again (a run killed after its newest checkpoint had logged them): their records would
+    otherwise be there twice. A torn last line, from a kill mid-write, goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
 
 class RunLog:
     def __init__(self, accelerator, output_dir: str | Path, total_steps: int, start_step: int):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if self.main else None
+        self.file = open(Path(output_dir) / METRICS_FILE, "a") if self.main else None
         interactive = sys.stderr.isatty()  # in a log file, a bar line every 30 s rather than every step
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.main, dynamic_ncols=True,
                         unit="step", smoothing=0.05, mininterval=0.1 if interactive else 30)

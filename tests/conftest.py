@@ -124,3 +124,37 @@ def small_model(*overrides: str):
     """The model of `model_config(*overrides)`."""
     from mpp.models import build_model
     return build_model(model_config(*overrides))
+
+
+class SmallDisk:
+    """tmpfs file systems of a chosen size (a full disk, made on purpose); unmounted when the test ends."""
+
+    def __init__(self, root: Path):
+        self.root, self.mounts = root, []
+
+    def make(self, size: int) -> Path:
+        """A fresh tmpfs of `size` bytes; skips the test where mounting is not permitted (it needs root)."""
+        point = self.root / f"disk{len(self.mounts)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here to fill up ({result.stderr.strip() or 'mount failed'}); "
+                        f"the full-disk cases need root or mount permission")
+        self.mounts.append(point)
+        return point
+
+    def resize(self, point: Path, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(point)], check=True, capture_output=True)
+
+    def close(self) -> None:
+        for point in self.mounts:
+            if subprocess.run(["umount", str(point)], capture_output=True).returncode:
+                subprocess.run(["umount", "--lazy", str(point)], capture_output=True)  # still busy: detach it
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path)
+    yield disk
+    disk.close()

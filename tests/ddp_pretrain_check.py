@@ -12,11 +12,15 @@ launcher's RANK) writes to OUT:
 
 If mpp's accelerate state does not see the launcher's world size, the process records that and
 exits with status 3 before any training step, instead of training a run of its own.
+
+MPP_TEST_SIGTERM_RANK1_AFTER=K: process 1 sends itself SIGTERM after its K-th optimizer step (a stop
+that only one process is asked for).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,8 +62,12 @@ def main(argv: list[str]) -> int:
             info["train_forwards"] += 1
         return original_forward(self, imgs, *args, **kwargs)
 
+    stop_after = int(os.environ.get("MPP_TEST_SIGTERM_RANK1_AFTER", "0"))
+
     def count_step(optimizer, args, kwargs):
         info["optimizer_steps"] += 1
+        if env_rank == 1 and info["optimizer_steps"] == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     MaskedImageModel.forward = forward
     register_optimizer_step_post_hook(count_step)

@@ -233,3 +233,54 @@ def test_every_stage_and_recipe_defaults_to_auto(schema, recipes):
         assert section.mixed_precision == "auto"
         if hasattr(cfg, "train"):
             assert cfg.train.compile == "auto"
+
+
+# ---- errors of the command line: one line, a non-zero exit ----
+
+def cli_error(capsys, argv) -> tuple[int, list[str], str]:
+    """mpp/pretrain.py's main in this process: (exit status, its error lines, stderr)."""
+    from mpp.pretrain import main
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+@pytest.mark.parametrize("text,line,column,what", [
+    ("model:\n  encoder: tiny\n  img_size: [32, 48\n", 4, 1, "expected ',' or ']'"),
+    ("model:\n  encoder: tiny\n img_size: 32\n", 3, 2, "expected <block end>"),
+    ('model:\n  encoder: "tiny\n', 3, 1, "found unexpected end of stream"),
+])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, capsys, text, line, column, what):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text(f"_base_: {QUICKSTART}\n" + text)
+    code, errors, err = cli_error(capsys, [recipe])
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{str(recipe)!r}, line {line + 1}, column {column}" in errors[0] and what in errors[0], errors[0]
+
+
+def test_malformed_yaml_in_an_override_is_named(capsys):
+    code, errors, _ = cli_error(capsys, [QUICKSTART, "model.fuse_blocks=[1, 2"])
+    assert code == 2 and len(errors) == 1
+    assert "'model.fuse_blocks=[1, 2'" in errors[0] and "column" in errors[0]
+
+
+@pytest.mark.parametrize("override,key,least", [
+    ("train.steps=-5", "train.steps", 1),
+    ("train.steps=0", "train.steps", 1),
+    ("train.batch_size=0", "train.batch_size", 1),
+    ("data.num_workers=-1", "data.num_workers", 0),
+    ("knn.data.num_workers=-1", "knn.data.num_workers", 0),
+    ("log.every=0", "log.every", 1),
+    ("checkpoint.every=-1", "checkpoint.every", 1),
+])
+def test_out_of_range_counts_name_the_key_and_exit_non_zero(tmp_path, capsys, override, key, least):
+    code, errors, err = cli_error(capsys, [QUICKSTART, f"output_dir={tmp_path}", override])
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{key!r} must be at least {least}" in errors[0], errors[0]
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_zero_epochs_without_steps_is_refused(tmp_path, capsys):
+    code, errors, _ = cli_error(capsys, [QUICKSTART, f"output_dir={tmp_path}", "train.epochs=0",
+                                         "data.num_workers=0"])
+    assert code == 2 and len(errors) == 1 and "train.epochs=0" in errors[0] and "train.steps" in errors[0]

@@ -256,26 +256,54 @@ def test_eval_yields_every_sample_exactly_once_with_a_valid_mask(world):
 
 # ---- resume ----
 
+def keys_and_pixels(batch) -> tuple[list[str], torch.Tensor]:
+    return batch["key"], batch["image"].clone()  # workers reuse their batch buffers
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resumed_stream_yields_exactly_the_uninterrupted_keys(workers, two_shards):
+def test_resumed_stream_yields_exactly_the_uninterrupted_keys_and_pixels(workers, two_shards):
     def make():
         return loader(two_shards, num_workers=workers, batch_size=24)
 
-    full = epoch_keys(make()) + epoch_keys(_at_epoch(make(), 1))
+    full = [keys_and_pixels(b) for b in make()] + [keys_and_pixels(b) for b in _at_epoch(make(), 1)]
     n = len(full) // 2
+    assert not torch.equal(full[0][1], full[n][1])
     for k in (7, n - 1, n):  # mid-epoch (an odd k: the workers' turn is rotated), last batch, epoch end
         ld = make()
         stream = ld.forever()
-        got = [next(stream)["key"] for _ in range(k)]
+        got = [keys_and_pixels(next(stream)) for _ in range(k)]
         state = ld.state_dict()
         assert (state["epoch"], state["batches"]) == ((0, k) if k < n else (1, 0))
         stream.close()
         resumed = make()
-        resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON / torch.save round trip
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
         rest = resumed.forever()
-        got += [next(rest)["key"] for _ in range(len(full) - k)]
+        got += [keys_and_pixels(next(rest)) for _ in range(len(full) - k)]
         rest.close()
-        assert got == full
+        assert [keys for keys, _ in got] == [keys for keys, _ in full]
+        # The crops and flips too: each sample's are seeded by (seed, epoch, key), not by where the run resumed.
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, full)), k
+
+
+def test_resumed_finetune_stream_draws_timms_augmentations_again(two_shards):
+    """timm's RandAugment and random erasing draw from the global RNGs, seeded per sample as well."""
+    def make():
+        return loader(two_shards, mode="finetune", batch_size=8)
+
+    stream = make().forever()
+    full = [keys_and_pixels(next(stream)) for _ in range(6)]
+    stream.close()
+    ld = make()
+    stream = ld.forever()
+    [next(stream) for _ in range(3)]
+    state = ld.state_dict()
+    stream.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = resumed.forever()
+    got = [keys_and_pixels(next(rest)) for _ in range(3)]
+    assert [keys for keys, _ in got] == [keys for keys, _ in full[3:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, full[3:]))
 
 
 def _at_epoch(ld, epoch):

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -324,6 +325,47 @@ def test_unreadable_files_are_rejected(tmp_path):
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     expected = [("cat/dangling.jpg", "unreadable")] + [("cat/cat_000.jpg", "unreadable")] * (os.geteuid() != 0)
     assert sorted((r["source"], r["reason"]) for r in rejected) == sorted(expected)
+
+
+def test_a_symlink_loop_named_as_an_image_is_rejected_and_listed(tmp_path):
+    tree = make_tree(tmp_path / "tree", 3)
+    (tree / "cat" / "loop.jpg").symlink_to("loop.jpg")  # resolving it: "Too many levels of symbolic links"
+    (tree / "truck" / "ring").symlink_to("../truck")  # a folder loop: walked once
+    manifest = shard(tree, tmp_path / "out", ShardOptions(), workers=1, **quiet)
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rejected] == [("cat/loop.jpg", "unreadable")]
+    assert manifest["splits"]["train"]["num_samples"] == 9  # the folder loop leads back to truck/, read once
+    assert verify(tmp_path / "out", workers=1, **quiet) == 0
+
+
+def test_rejected_jsonl_is_written_empty_when_nothing_is_rejected(tmp_path):
+    shard(make_tree(tmp_path / "tree", 2), tmp_path / "out", ShardOptions(), workers=1, **quiet)
+    assert (tmp_path / "out" / "rejected.jsonl").read_text() == ""
+
+
+def test_full_disk_stops_with_a_clear_message_and_a_rerun_keeps_the_finished_shards(tmp_path, small_disk):
+    tree = make_tree(tmp_path / "tree", 40, classes=("airplane", "bird", "cat", "ship", "truck"))
+    args = ["--shard-size", "20", "--workers", "1"]
+    main([str(tree), str(tmp_path / "uninterrupted"), *args])
+    needed = sum(p.stat().st_size for p in (tmp_path / "uninterrupted").glob("*.tar"))  # 10 shards
+    disk = small_disk.make(needed // 3)
+    out = disk / "shards"
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tree), str(out), *args])
+    message = str(stopped.value)
+    assert message.startswith("error: writing ") and "\n" not in message
+    assert str(out) in message and "No space left on device" in message and "MB free" in message
+    assert re.search(r"need up to [\d.]+ MB \(([\d,]+) bytes\)", message)
+    finished = {p.name.removesuffix(".json") for p in (out / ".shard-state-train").glob("train-*.json")}
+    assert 1 <= len(finished) < 10 and f"the {len(finished)} finished shard" in message
+    assert not list(out.glob("*.tmp"))  # the half-written shard is gone, its space free again
+    kept = {name: (out / name).stat().st_mtime_ns for name in finished}
+
+    small_disk.resize(disk, 2 * needed)
+    main([str(tree), str(out), *args])
+    assert shard_bytes(out) == shard_bytes(tmp_path / "uninterrupted")
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == kept  # not written again
+    assert verify(out, workers=1, **quiet) == 0
 
 
 # --- output: determinism, tar bytes, manifest -------------------------------------------------

@@ -109,10 +109,12 @@ def test_stopped_run_resumes_at_the_next_step_with_its_ema(pretrained, small_val
     assert checkpoint_steps(tmp_path) == [2]
     assert not (tmp_path / "finetune.json").exists()  # written only by a complete run
     ckpt = tmp_path / "checkpoints" / "step_00000002"
-    saved = [torch.load(p, weights_only=True) for p in sorted(ckpt.glob("custom_checkpoint_*.pkl"))]
-    assert [s["step"] for s in saved if "step" in s] == [2]
-    assert [(s["epoch"], s["batches"]) for s in saved if "batches" in s] == [(0, 2)]
-    (ema,) = [s for s in saved if "module.pos_embed" in s]  # the EMA is checkpointed with the run
+    saved = json.loads((ckpt / "state.json").read_text())
+    assert saved["run"]["step"] == 2
+    assert (saved["loader"]["epoch"], saved["loader"]["batches"]) == (0, 2)
+    ema = load_file(ckpt / "ema.safetensors")  # the EMA is checkpointed with the run
+    assert "module.pos_embed" in ema
+    assert [p.name for p in ckpt.glob("*.pkl")] == ["random_states_0.pkl"]  # no pickled state but the RNG's
 
     monkeypatch.setattr(finetune, "checked_labels", real)
     model = run_finetune(ft_config(tmp_path, *args, "checkpoint.every=1"))
@@ -123,8 +125,7 @@ def test_stopped_run_resumes_at_the_next_step_with_its_ema(pretrained, small_val
     assert report["step"] == 4 and report["num_eval"] == 37 and report["ema"]["count"] == 37
     # The EMA went on from the checkpoint's average: step 3's is half step 2's and half step 3's weights.
     step3 = tmp_path / "checkpoints" / "step_00000003"
-    (ema3,) = [s for s in (torch.load(p, weights_only=True) for p in step3.glob("custom_checkpoint_*.pkl"))
-               if "module.pos_embed" in s]
+    ema3 = load_file(step3 / "ema.safetensors")
     weights3 = load_file(step3 / "model.safetensors")
     for key in ("head.weight", "blocks.11.mlp.fc2.weight", "pos_embed"):
         expected = 0.5 * ema[f"module.{key}"] + 0.5 * weights3[key]

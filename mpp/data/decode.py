@@ -152,7 +152,7 @@ def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.R
     """torchvision's RandomResizedCrop.get_params, drawing from `rng`: (top, left, h, w).
 
     Restated because torchvision's draws from the global torch RNG and takes no generator: the
-    loader's crops must come from each worker's own seeded RNG, so the stream replays exactly and
+    loader's crops must come from each sample's own seeded RNG, so the stream replays exactly and
     the trainer's RNG (masking, init) is never moved by data loading. It also needs only the
     header's size, so the crop is known before the JPEG is decoded (and can be decoded reduced).
     """
@@ -304,7 +304,7 @@ class TimmTransform:
     """bytes -> float normalised (3, size, size) via timm's create_transform (fine-tuning).
 
     timm's augmentations draw from the global `random`, `numpy.random` and torch RNGs; the dataset
-    seeds those per worker and epoch (and swaps them around each call in the main process).
+    seeds those for each sample from (seed, epoch, key) (and puts the caller's states back in the main process).
     """
 
     uses_global_rng = True

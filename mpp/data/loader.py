@@ -18,7 +18,9 @@ Plan (a pure function of the shard counts, seed, epoch, rank, world size, worker
   worker b % K; the loader checks this on every batch.
 
 Training shuffles each worker's raw (undecoded) samples through a buffer seeded by (seed, epoch,
-rank, worker), then decodes, transforms and batches inside the worker. Batch j of a worker is
+rank, worker), then decodes, transforms and batches inside the worker. Each sample's crop and flip
+are drawn from an RNG seeded by (seed, epoch, sample key) alone, so the pixels of a sample in an
+epoch do not depend on where in the stream it lands, on the worker or on where a run resumed. Batch j of a worker is
 always made of shuffle outputs j*B .. (j+1)*B-1: a corrupt sample is replaced by a repeat of a
 good one of the same batch (the previous good batch's, if none is good), and a worker whose shards
 hold fewer samples than planned (truncated tar, short shard) fills its last batches the same way,
@@ -27,11 +29,12 @@ so the batch count per rank never changes. Repeats and skipped samples are count
 Resume: `state_dict()` holds the epoch and the batches consumed in it (the same on every rank, so
 the main process's copy serves all ranks). After `load_state_dict()`, each worker replays its
 epoch's plan, pulls the consumed batches' raw samples through the shuffle buffer without decoding
-them, and goes on from there: the keys are exactly those the uninterrupted run would have yielded
-(the crop and flip draws are seeded from (seed, epoch, rank, worker, start batch), so they differ).
+them, and goes on from there: the batches, keys and pixels, are exactly those the uninterrupted run
+would have yielded.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -163,34 +166,28 @@ def _label(sample) -> int:
         return -1
 
 
-class _GlobalRNG:
-    """Private states of the global random / numpy / torch RNGs, swapped in around a call in the main process."""
+def augment_seed(seed: int, epoch: int, key: str) -> int:
+    """The seed of one sample's crop and flip in one epoch: independent of the rank, the worker and the
+    sample's place in the stream, so a resumed epoch draws exactly the crops the uninterrupted one did."""
+    return derive_seed(seed, epoch, key, "augment")
 
-    def __init__(self, seed: int):
-        saved = self._get()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        self.state = self._get()
-        self._set(saved)
 
-    @staticmethod
-    def _get():
-        return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-    @staticmethod
-    def _set(state):
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-
-    def __enter__(self):
-        self.saved = self._get()
-        self._set(self.state)
-
-    def __exit__(self, *exc):
-        self.state = self._get()
-        self._set(self.saved)
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, restore: bool):
+    """The global random / numpy / torch (CPU) RNGs seeded with `seed` for a call: timm's transforms draw from
+    them. restore=True puts the caller's states back afterwards (in the main process, the trainer's draws
+    must not move)."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds the GPUs' generators too
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 def batch_buffer_spec(transform, batch_size: int) -> tuple[tuple, torch.dtype]:
@@ -226,17 +223,7 @@ class EpochDataset(IterableDataset):
             chunk = list(itertools.islice(raw, B))
             last_chunk = chunk or last_chunk
         reported_missing = stats.missing
-
-        aug_seed = derive_seed(*tag, self.start_batch, "augment")
-        rng = random.Random(aug_seed)
-        global_rng = None
-        if getattr(self.transform, "uses_global_rng", False):
-            if info is not None:
-                random.seed(aug_seed)
-                np.random.seed(aug_seed % 2**32)
-                torch.manual_seed(aug_seed)
-            else:
-                global_rng = _GlobalRNG(aug_seed)
+        in_worker = info is not None
 
         pool, pool_chunk = None, last_chunk  # good samples to repeat when a batch has none of its own
         for j in range(done, wplan.batches):
@@ -248,14 +235,14 @@ class EpochDataset(IterableDataset):
                 shape, dtype = batch_buffer_spec(self.transform, B)
                 buffer = torch.empty(shape, dtype=dtype)
             images = buffer.permute(0, 3, 1, 2) if self.transform.channels_last else buffer
-            goods, corrupt = self._decode(chunk, rng, global_rng, images)
+            goods, corrupt = self._decode(chunk, in_worker, images)
             missing, reported_missing = stats.missing - reported_missing, stats.missing
             n, repeated = len(goods), 0
             if plan.training:
                 if goods:
                     pool = goods
                 elif pool is None:
-                    pool = self._fallback_pool(pool_chunk, wplan, rng, global_rng)
+                    pool = self._fallback_pool(pool_chunk, wplan, in_worker)
                 repeated = B - n
                 source = goods or pool
                 for i in range(repeated):
@@ -276,20 +263,22 @@ class EpochDataset(IterableDataset):
             stream = shuffled(stream, self.shuffle_buffer, random.Random(derive_seed(*tag, "shuffle")))
         return iter(stream)
 
-    def _decode(self, chunk, rng, global_rng, images=None):
+    def _decode(self, chunk, in_worker: bool, images=None):
         """Decode and transform `chunk` into consecutive slots of `images`: ([(key, label, image)], corrupt count)."""
         goods, corrupt = [], 0
+        uses_global_rng = getattr(self.transform, "uses_global_rng", False)
         for sample in chunk:
             data = image_bytes(sample)
             slot = images[len(goods)] if images is not None else None
             try:
                 if data is None:
                     raise ValueError("no image in the sample")
-                if global_rng is not None:
-                    with global_rng:
-                        image = self.transform(data, rng, slot)
+                seed = augment_seed(self.seed, self.plan.epoch, sample["__key__"])
+                if uses_global_rng:
+                    with seeded_global_rng(seed, restore=not in_worker):
+                        image = self.transform(data, None, slot)
                 else:
-                    image = self.transform(data, rng, slot)
+                    image = self.transform(data, random.Random(seed), slot)
             except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
                 corrupt += 1
                 log.warning("skipped sample %s of %s: %s: %s", sample.get("__key__"), sample.get("__url__"),
@@ -298,10 +287,10 @@ class EpochDataset(IterableDataset):
             goods.append((sample["__key__"], _label(sample), image))
         return goods, corrupt
 
-    def _fallback_pool(self, pool_chunk, wplan, rng, global_rng):
+    def _fallback_pool(self, pool_chunk, wplan, in_worker: bool):
         """Good samples for a worker that has none in its current batch and has yielded none before."""
         if pool_chunk:
-            goods, _ = self._decode(pool_chunk, rng, global_rng)
+            goods, _ = self._decode(pool_chunk, in_worker)
             if goods:
                 return goods
         # Nothing readable in this worker's part of the plan: borrow the first readable samples of the rank.
@@ -312,7 +301,7 @@ class EpochDataset(IterableDataset):
             chunk = list(itertools.islice(stream, B))
             if not chunk:
                 break
-            goods, _ = self._decode(chunk, rng, global_rng)
+            goods, _ = self._decode(chunk, in_worker)
             if goods:
                 return goods
         raise RuntimeError(f"rank {self.plan.rank} could read no sample of its part of the epoch "

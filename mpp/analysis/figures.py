@@ -97,7 +97,7 @@ class PositionSimilarity(Analysis):
     name = "pos_embed_similarity"
     title = "Position embedding similarity"
     description = ("tile (r, c): the cosine similarity of the embedding of grid position (r, c) with that of every "
-                   "other position, laid out on the grid; one colour scale for the figure")
+                   "other position, laid out on the grid; each panel on its own colour scale")
 
     def measure(self, subject, images, options):
         similarity = position_similarity(subject.encoder)
@@ -107,10 +107,9 @@ class PositionSimilarity(Analysis):
                 "similarity": similarity.tolist()}
 
     def panel(self, result, results):
-        # One colour scale for the figure, from its lowest similarity (to one decimal) to 1: sin-cos embeddings
-        # are all alike above 0.7, and a -1..1 scale would paint them one colour.
-        low = min(min(map(min, r["similarity"])) for r in results if "skipped" not in r)
-        low = min(math.floor(low * 10) / 10, 0.9)
+        # Each panel's colour scale runs from its lowest similarity (to one decimal) to 1: sin-cos embeddings are
+        # all alike above 0.7, and a scale shared with learned ones (or -1..1) paints them one colour.
+        low = min(math.floor(min(map(min, result["similarity"])) * 10) / 10, 0.9)
         h, w = result["grid"]
         maps = torch.tensor(result["similarity"]).view(h * w, h, w)
         figure = draw.to_pil(draw.tiles(maps, columns=w, anchors=draw.SEQUENTIAL, low=low, high=1.0))

@@ -334,6 +334,14 @@ class LogConfig:
     image_every: int = 1000         # steps between reconstruction grids (one is also written at the end)
     tensorboard: bool = True
     peak_tflops: Union[float, None] = None  # device peak for MFU; null: known GPU table, or measured matmul peak on CPU
+    # Steps between records of each block's mean attention distance (attention_distance_<block>, pixels) on a fixed
+    # batch: the first attention_images images of the first training shard; 0: off (python -m mpp.analyze draws it)
+    attention_every: int = 0
+    attention_images: int = 32
+
+    def validate(self, prefix: str) -> None:
+        if self.attention_images < 1:
+            raise ConfigError(f"{prefix}attention_images={self.attention_images}: the batch needs at least one image")
 
 
 @dataclasses.dataclass

@@ -29,8 +29,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from mpp import engine
+from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, FinetuneRunConfig, to_dict
-from mpp.data import ShardLoader, normalizer
+from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
 from mpp.features import is_random_init, manifest_classes
 from mpp.knn import topk_hits
@@ -189,8 +190,13 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
 
         summary = (f"{num_classes} classes, layer decay {f.layer_decay}, "
                    f"{'mixup/cutmix' if mixup else 'no mixup'}{', EMA' if ema else ''}")
+        periodic = [Periodic(plan.steps_per_epoch, validation)]
+        if cfg.log.attention_every > 0:
+            fixed = to_input(preview_images(loader.urls[0], cfg.model.img_size, cfg.log.attention_images))
+            periodic.append(Periodic(cfg.log.attention_every, lambda step: distance_metrics(raw_model, fixed)
+                                     if accelerator.is_main_process else None))
         complete = trainer.fit(run, model, optimizer, scheduler, loader, plan, micro_batches(), loss_fn,
-                               summary=summary, periodic=[Periodic(plan.steps_per_epoch, validation)],
+                               summary=summary, periodic=periodic,
                                on_update=(lambda step: ema.update(raw_model, step=step)) if ema else None)
         if complete:
             if results.get("step") != run.step:  # resumed a finished run: evaluate what it holds

@@ -22,6 +22,7 @@ import functools
 import torch
 
 from mpp import engine
+from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import (NonFiniteLoss, Periodic, RunState, Schedule, Trainer, Window, check_resumable,  # noqa: F401
@@ -94,6 +95,10 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
                                     output_dir / "reconstructions" / f"step_{step:08d}.png", seed=cfg.seed)
 
         periodic = [Periodic(cfg.log.image_every, reconstruction)]
+        if cfg.log.attention_every > 0:
+            fixed = to_input(preview_images(loader.urls[0], cfg.model.img_size, cfg.log.attention_images))
+            periodic.append(Periodic(cfg.log.attention_every, lambda step: distance_metrics(raw_model.encoder, fixed)
+                                     if accelerator.is_main_process else None))
         if cfg.knn.every > 0:
             # The encoder sees images normalised as in pretraining, whatever knn.data says.
             knn_data = dataclasses.replace(cfg.knn.data, mean=cfg.data.mean, std=cfg.data.std)

@@ -10,16 +10,24 @@ from .models.patches import patchify, unpatchify
 
 
 @torch.no_grad()
-def reconstruction_grid(model, imgs: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor | None:
-    """(3, H', W') image in [0, 1]: one row per input image, four columns; None when the model's target has no
-    map back to pixels (HOG)."""
+def masked_forward(model, imgs: torch.Tensor, seed: int = 0):
+    """The model's output (ModelOutput) in eval mode with the masks that `seed` draws, leaving the global RNG and
+    the model's mode as they were: the same masks on every call."""
     was_training = model.training
     model.eval()
     fork = [imgs.device] if imgs.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork):  # a fixed mask per call, without touching the run's RNG
+    with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         out = model(imgs)
     model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs: torch.Tensor, mean, std, seed: int = 0) -> torch.Tensor | None:
+    """(3, H', W') image in [0, 1]: one row per input image, four columns; None when the model's target has no
+    map back to pixels (HOG)."""
+    out = masked_forward(model, imgs, seed)
     pred = model.target.to_pixels(out.pred.float(), imgs, ~out.hidden)
     if pred is None:
         return None

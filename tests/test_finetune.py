@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE_DATA, checkpoint_steps, quick_config, read_metrics, run_train, subprocess_env
 from mpp import finetune
+from mpp.analyze import main as analyze_main
 from mpp.config import ConfigError, FinetuneRunConfig, load_config
 
 RECIPE = REPO / "recipes" / "finetune_quickstart.yaml"
@@ -70,7 +71,8 @@ def small_val(tmp_path_factory):
 
 def test_finetune_at_another_resolution_counts_every_val_image_once(pretrained, tmp_path):
     # 48 px from a 32 px pretraining: the position embeddings are resampled (8x8 -> 12x12 patches).
-    cfg = ft_config(tmp_path, f"ckpt={pretrained}", "model.img_size=48", "train.steps=1")
+    cfg = ft_config(tmp_path, f"ckpt={pretrained}", "model.img_size=48", "train.steps=1", "log.attention_every=1",
+                    "log.attention_images=4")
     model = run_finetune(cfg)
     assert model.pos_embed.shape == (1, 1 + 12 * 12, 192) and model.pos_embed.requires_grad
     assert model.head.out_features == 10  # num_classes null: the manifest's 10 classes
@@ -88,6 +90,19 @@ def test_finetune_at_another_resolution_counts_every_val_image_once(pretrained, 
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1] and 0 < train_records[0]["loss"] < 10
     assert train_records[0]["img_per_s"] > 0
+    (attention,) = [r for r in records if "attention_distance_0" in r]
+    diagonal = 11 * 4 * 2 ** 0.5  # the farthest patch centres of the 12 x 12 grid
+    assert attention["step"] == 1 and all(0 < attention[f"attention_distance_{i}"] < diagonal for i in range(12))
+
+    # The fine-tuned weights analysed: its learned positions on the 12 x 12 grid, no pretraining head to reconstruct.
+    out = tmp_path / "analysis"
+    assert analyze_main([str(tmp_path), "--out", str(out), "--images", "4", "--show", "1"]) == 0
+    similarity = json.loads((out / "pos_embed_similarity.json").read_text())["checkpoints"][0]
+    assert torch.tensor(similarity["similarity"]).shape == (144, 144)
+    positions = model.pos_embed.detach()[0, 1:]
+    direct = torch.nn.functional.normalize(positions, dim=-1) @ torch.nn.functional.normalize(positions, dim=-1).T
+    assert torch.allclose(torch.tensor(similarity["similarity"]), direct, atol=1e-4)
+    assert "skipped" in json.loads((out / "reconstructions.json").read_text())["checkpoints"][0]
 
 
 def test_stopped_run_resumes_at_the_next_step_with_its_ema(pretrained, small_val, tmp_path, monkeypatch, capsys):

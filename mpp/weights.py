@@ -351,8 +351,10 @@ def _saved_settings(config) -> str:
     model = (config or {}).get("model")
     if not isinstance(model, dict):
         return ""
-    shown = ", ".join(f"{k}={model[k]}" for k in ("tokenizer", "encoder", "img_size", "patch_size", "in_chans")
-                     if k in model)
+    keys = ("encoder", "img_size", "patch_size", "in_chans")
+    if model.get("tokenizer", "patch") != "patch":
+        keys = ("tokenizer",) + keys
+    shown = ", ".join(f"{k}={model[k]}" for k in keys if k in model)
     return f" (it was trained with model: {shown})" if shown else ""
 
 

@@ -142,6 +142,9 @@ def test_vt_resnet18_shapes_and_classifier_on_the_mean_token():
         assert tokens.shape == (2, 16, 256)
         torch.testing.assert_close(vt(x), vt.head(tokens.mean(1)))
         torch.testing.assert_close(pooled_features(vt, x, "mean", 2)[:, 256:], tokens.mean(1))
+        raw = vt.run_blocks(rows)[0]  # the modules' tokens before the final norm
+        torch.testing.assert_close(tokens, vt.norm(raw[-1]))
+        torch.testing.assert_close(pooled_features(vt, x, "mean", 2)[:, :256], vt.norm(raw[0]).mean(1))
     assert VTEncoder("vt_r18", 32, stem="small").grid == (8, 8)
 
 

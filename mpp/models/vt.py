@@ -13,10 +13,11 @@ the classifier reads the mean of the last module's tokens. For 32-px images the 
 A map (B, C, H, W) becomes rows by flattening and *transposing* (B, HW, C): reshaping NCHW memory straight
 to (B, HW, C), as a popular copy does, mixes channels and positions.
 
-mpp adds a fixed 2-D sin-cos embedding of the map's grid to X before the first module (model.pos_embed:
-fixed or learned): a token is a weighted mean of map rows, so with it a token carries where it was drawn
-from, and a masked position, which holds no feature, knows where it is (the paper encodes positions its
-own way, not carried over).
+mpp adds two things a ViT has: a fixed 2-D sin-cos embedding of the map's grid, added to X before the first
+module (model.pos_embed: fixed or learned): a token is a weighted mean of map rows, so with it a token
+carries where it was drawn from, and a masked position, which holds no feature, knows where it is (the paper
+encodes positions its own way, not carried over); and a final LayerNorm on what the encoder outputs (tokens,
+map rows): the equations have no normalisation and their residual sums grow from module to module.
 
 Masked pretraining (SimMIM's objective on the projector's map; VT has no published masked recipe): the
 hidden tokens' pixels are 0 and the ResNet is mask-aware (sparse.py), so the map's visible positions hold
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import timm
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerNorm
 from torch import nn
 
 from .sparse import mask_aware
@@ -155,6 +156,7 @@ class VTEncoder(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(VTBlock(self.width, tokens, recurrent=i > 0, drop_path=rates[i])
                                     for i in range(depth))
+        self.norm = LayerNorm(self.width)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.width, num_classes) if num_classes else nn.Identity()
 
@@ -186,19 +188,20 @@ class VTEncoder(nn.Module):
             raise ValueError("VT has no transformer blocks to fuse (model.fuse_blocks)")
         x = self.feature_map(imgs, hidden)
         x = torch.where(hidden.unsqueeze(-1), mask_token.to(x.dtype), x)
-        return self.run_blocks(x, ~hidden)[1]
+        return self.norm(self.run_blocks(x, ~hidden)[1])
 
     def pooled_features(self, x: torch.Tensor, pool: str, blocks: int) -> torch.Tensor:
-        """(B, blocks * C): the mean token of each of the last `blocks` VT modules, oldest first (pool "mean")."""
+        """(B, blocks * C): the mean token of each of the last `blocks` VT modules after the final norm, oldest
+        first (pool "mean")."""
         if pool != "mean":
             raise ValueError(f"VT has no class token: pool its tokens' mean, not {pool!r}")
         outputs, _ = self.run_blocks(self.feature_map(x))
-        return torch.cat([t.mean(1) for t in outputs[-blocks:]], dim=1)
+        return torch.cat([self.norm(t).mean(1) for t in outputs[-blocks:]], dim=1)
 
     # ---- timm's classifier interface ----
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last module's tokens (B, L, C)."""
-        return self.run_blocks(self.feature_map(x))[0][-1]
+        """The last module's tokens (B, L, C), after the final norm."""
+        return self.norm(self.run_blocks(self.feature_map(x))[0][-1])
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(tokens.mean(1))

@@ -158,7 +158,6 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
         "format": "pt",  # Hugging Face's loaders expect this key
         "mpp_format": FORMAT,
         **timm_fields,
-        "mpp_command": f"mpp.models.load_encoder({str(out)!r})",
         "tokenizer": arch["tokenizer"],
         "encoder": arch["encoder"],
         "img_size": str(arch["img_size"]),
@@ -168,8 +167,9 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
         "with_decoder": str(with_decoder).lower(),
         "source": str(ckpt),
     }
-    if config is not None:
+    if config is not None:  # what mpp.models.load_encoder rebuilds the encoder from
         metadata[CONFIG_METADATA] = json.dumps(config)
+        metadata["mpp_command"] = f"mpp.models.load_encoder({str(out)!r})"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out), metadata=metadata)
     return metadata
@@ -196,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.with_decoder:
             print("  (timm loads the encoder and reports the decoder.* keys as unexpected)")
     else:
-        print(f"timm has no such model ({meta['tokenizer']} tokenizer, {meta['encoder']}); load it with mpp:")
-    print("  import mpp.models")
-    print(f"  model = {meta['mpp_command']}")
+        print(f"timm has no such model ({meta['tokenizer']} tokenizer, {meta['encoder']})")
+    if "mpp_command" in meta:
+        print("or with mpp:" if "timm_command" in meta else "load it with mpp:")
+        print("  import mpp.models")
+        print(f"  model = {meta['mpp_command']}")
     return 0
 
 

@@ -148,7 +148,8 @@ def bench_train(cfg: PretrainConfig, steps: int, warmup: int, rounds: int = 3, b
         "bench": "train",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu x{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}",
-        "model": f"{cfg.model.objective} vit-{cfg.model.encoder}/{cfg.model.patch_size} @{cfg.model.img_size}",
+        "model": (f"{cfg.model.objective} {'vit-' if cfg.model.tokenizer == 'patch' else cfg.model.tokenizer + ' '}"
+                  f"{cfg.model.encoder}/{cfg.model.patch_size} @{cfg.model.img_size}"),
         "target": cfg.model.target.kind,
         "decoder": f"{cfg.model.decoder.dim}x{cfg.model.decoder.depth}" if cfg.model.objective == "mae" else "linear",
         "batch": batch,

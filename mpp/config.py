@@ -267,18 +267,43 @@ class CorruptionConfig:
 
 
 @dataclasses.dataclass
+class HybridConfig:
+    """model.hybrid: tokenizer hybrid's CNN, timm's ResNetV2 as its hybrid ViTs have it (mpp/models/hybrid.py)."""
+    layers: list[int] = dataclasses.field(default_factory=lambda: [3, 4, 9])  # bottlenecks per stage (R50 s16)
+    stem: Literal["timm", "small"] = "timm"  # timm: 7x7/2 conv + 3x3/2 max pool; small: one 3x3/1 conv (32 px)
+
+
+@dataclasses.dataclass
+class T2TConfig:
+    """model.t2t: tokenizer t2t's Tokens-to-Token module (mpp/models/t2t.py)."""
+    # soft splits as [kernel, stride, padding]; the strides' product is the patch size
+    splits: list[list[int]] = dataclasses.field(default_factory=lambda: [[7, 4, 2], [3, 2, 1], [3, 2, 1]])
+    token_dim: int = 64             # token width inside the module
+
+
+@dataclasses.dataclass
+class VTConfig:
+    """model.vt: tokenizer vt's VT modules on a ResNet's stage-3 map (mpp/models/vt.py)."""
+    tokens: int = 16                # visual tokens L
+    stem: Literal["timm", "small"] = "timm"  # timm: ResNet's 7x7/2 conv + max pool; small: CIFAR's 3x3/1 conv
+
+
+@dataclasses.dataclass
 class ModelConfig:
     objective: str = "mae"          # mae | simmim | vit_mpp (mpp.models.OBJECTIVES)
-    tokenizer: str = "patch"        # how pixels become tokens (mpp.models.TOKENIZERS)
-    encoder: str = "base"           # ViT size: tiny | small | base | large | huge
+    tokenizer: str = "patch"        # how pixels become tokens: patch | hybrid | t2t | vt (mpp.models.TOKENIZERS)
+    encoder: str = "base"           # size: tiny ... huge (patch, hybrid) | t2t_7, t2t_14 ... | vt_r18, vt_r34
     img_size: int = 224
-    patch_size: int = 16
+    patch_size: int = 16            # pixels per token side (hybrid, t2t, vt: their total stride)
     in_chans: int = 3
     pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos (MAE) or learned (the ViT paper)
     mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
     target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     corruption: CorruptionConfig = dataclasses.field(default_factory=CorruptionConfig)
+    hybrid: HybridConfig = dataclasses.field(default_factory=HybridConfig)
+    t2t: T2TConfig = dataclasses.field(default_factory=T2TConfig)
+    vt: VTConfig = dataclasses.field(default_factory=VTConfig)
     # Earlier encoder blocks (0-based) fused with the last into the head's input (MFF); []: none.
     fuse_blocks: list[int] = dataclasses.field(default_factory=list)
     uniformity: float = 0.0         # weight of U-MAE's feature-uniformity term over the micro-batch (0: off)

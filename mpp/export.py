@@ -1,7 +1,9 @@
-"""Export an encoder as a timm VisionTransformer state dict: `python -m mpp.export CKPT OUT.safetensors`.
+"""Export an encoder: `python -m mpp.export CKPT OUT.safetensors`.
 
-CKPT is any stage's output (checkpoint folder, run folder, an earlier export, a .pth). The file holds
-exactly the keys of timm's model, so `timm.create_model(NAME, pretrained=True,
+CKPT is any stage's output (checkpoint folder, run folder, an earlier export, a .pth). Every export stores the
+run's config in its metadata, so `mpp.models.load_encoder(OUT)` rebuilds the encoder without a recipe. Where
+timm has the architecture (patch ViTs; hybrids on timm's ResNetV2 stem and layers: vit_*_r50_s16_* ...) the
+file holds exactly the keys of timm's model, so `timm.create_model(NAME, pretrained=True,
 pretrained_cfg_overlay=dict(file=OUT, ...), ...)` loads it strictly; the exact call is printed and
 stored in the file's metadata. The overlay sets:
 - num_classes: equal to the model's, so timm keeps its strict load (when they differ timm drops the
@@ -27,6 +29,7 @@ import torch
 
 from .models.vit import VIT_SIZES
 from .weights import CONFIG_METADATA, DECODER_PREFIX, decoder_state, read_weights, vit_state
+
 
 # timm's registered name for each size; its patch size is in the name, its image size is 224.
 TIMM_NAMES = {
@@ -65,14 +68,34 @@ def describe(state: dict[str, torch.Tensor], config: dict | None) -> dict:
                 global_pool="avg" if "fc_norm.weight" in state and "norm.weight" not in state else "token")
 
 
-def timm_call(arch: dict, file: str, data: dict | None = None, strict: bool = True) -> tuple[str, dict, dict]:
-    """(name, create_model kwargs, pretrained_cfg_overlay) for the architecture `describe` found."""
-    name, default_patch = TIMM_NAMES[arch["encoder"]]
+def describe_rebuilt(raw: dict, config: dict | None, source: str) -> tuple[dict, tuple[str, dict] | None]:
+    """(the architecture as `describe` gives it, timm's (name, size keywords) or None) of an encoder that is not a
+    patch ViT, read from the stored config and checked by loading the weights into the encoder it builds."""
+    from .models import rebuild_encoder
+    from .models.hybrid import timm_hybrid
+    encoder, cfg = rebuild_encoder(raw, config, source)
+    state = encoder.state_dict()
+    arch = dict(tokenizer=cfg.tokenizer, encoder=cfg.encoder, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                in_chans=cfg.in_chans, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+                global_pool="avg" if "fc_norm.weight" in state and "norm.weight" not in state else "token")
+    timm_name = timm_hybrid(cfg.encoder, cfg.hybrid.layers, cfg.hybrid.stem) if cfg.tokenizer == "hybrid" else None
+    return arch, timm_name
+
+
+def timm_call(arch: dict, file: str, data: dict | None = None, strict: bool = True,
+              timm_name: tuple[str, dict] | None = None) -> tuple[str, dict, dict]:
+    """(name, create_model kwargs, pretrained_cfg_overlay) for the architecture `describe` found; timm_name:
+    a hybrid's (name, size keywords), whose patch size (1, on the CNN's map) is timm's default."""
+    if timm_name is None:
+        name, default_patch = TIMM_NAMES[arch["encoder"]]
+        size = {}
+    else:
+        (name, size), default_patch = timm_name, arch["patch_size"]
     overlay = dict(file=file, custom_load=False, num_classes=arch["num_classes"],
                    input_size=(arch["in_chans"], arch["img_size"], arch["img_size"]))
     if data and data.get("mean") and data.get("std"):
         overlay.update(mean=tuple(data["mean"]), std=tuple(data["std"]))
-    kwargs = dict(num_classes=arch["num_classes"])
+    kwargs = dict(num_classes=arch["num_classes"], **size)
     if arch["global_pool"] != "token":
         kwargs["global_pool"] = arch["global_pool"]
     if arch["img_size"] != 224:
@@ -114,9 +137,18 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
         raise ValueError(f"output {str(out)!r} must end in .safetensors")
     raw, config = read_weights(ckpt)
     state = vit_state(raw)
-    arch = describe(state, config)
-    name, kwargs, overlay = timm_call(arch, str(out), (config or {}).get("data"), strict=not with_decoder)
-    check_against_timm(state, name, kwargs)
+    tokenizer = ((config or {}).get("model") or {}).get("tokenizer", "patch")
+    if tokenizer == "patch":  # read from the weights themselves: a .pth without a config exports too
+        arch, timm_name = {**describe(state, config), "tokenizer": tokenizer}, None
+    else:
+        arch, timm_name = describe_rebuilt(raw, config, str(ckpt))
+    timm_fields = {}
+    if tokenizer == "patch" or timm_name is not None:
+        name, kwargs, overlay = timm_call(arch, str(out), (config or {}).get("data"), strict=not with_decoder,
+                                          timm_name=timm_name)
+        check_against_timm(state, name, kwargs)
+        timm_fields = {"timm_model": name, "timm_kwargs": json.dumps(kwargs),
+                       "timm_command": timm_command(name, kwargs, overlay)}
     if with_decoder:
         decoder = decoder_state(raw)
         if not decoder:
@@ -125,9 +157,8 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
     metadata = {
         "format": "pt",  # Hugging Face's loaders expect this key
         "mpp_format": FORMAT,
-        "timm_model": name,
-        "timm_kwargs": json.dumps(kwargs),
-        "timm_command": timm_command(name, kwargs, overlay),
+        **timm_fields,
+        "tokenizer": arch["tokenizer"],
         "encoder": arch["encoder"],
         "img_size": str(arch["img_size"]),
         "patch_size": str(arch["patch_size"]),
@@ -136,8 +167,9 @@ def export(ckpt: str | Path, out: str | Path, with_decoder: bool = False) -> dic
         "with_decoder": str(with_decoder).lower(),
         "source": str(ckpt),
     }
-    if config is not None:
+    if config is not None:  # what mpp.models.load_encoder rebuilds the encoder from
         metadata[CONFIG_METADATA] = json.dumps(config)
+        metadata["mpp_command"] = f"mpp.models.load_encoder({str(out)!r})"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out), metadata=metadata)
     return metadata
@@ -155,13 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"mpp.export: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: ViT-{meta['encoder']}/{meta['patch_size']} at {meta['img_size']} px"
-          f"{', with decoder' if args.with_decoder else ''} (from {args.ckpt})")
-    print("load it with timm:")
-    print("  import timm")
-    print(f"  model = {meta['timm_command']}")
-    if args.with_decoder:
-        print("  (timm loads the encoder and reports the decoder.* keys as unexpected)")
+    print(f"wrote {args.out}: {meta['encoder']}/{meta['patch_size']} ({meta['tokenizer']} tokenizer) at "
+          f"{meta['img_size']} px{', with decoder' if args.with_decoder else ''} (from {args.ckpt})")
+    if "timm_command" in meta:
+        print("load it with timm:")
+        print("  import timm")
+        print(f"  model = {meta['timm_command']}")
+        if args.with_decoder:
+            print("  (timm loads the encoder and reports the decoder.* keys as unexpected)")
+    else:
+        print(f"timm has no such model ({meta['tokenizer']} tokenizer, {meta['encoder']})")
+    if "mpp_command" in meta:
+        print("or with mpp:" if "timm_command" in meta else "load it with mpp:")
+        print("  import mpp.models")
+        print(f"  model = {meta['mpp_command']}")
     return 0
 
 

@@ -60,15 +60,16 @@ def build_encoder(model_cfg, ckpt) -> tuple[torch.nn.Module, list[str]]:
                  f"initialisation): the baseline"]
     else:
         vit = build_model_encoder(model_cfg)
-        from mpp.weights import load_into_vit
-        notes = load_into_vit(vit, str(ckpt))
+        from mpp.weights import load_weights
+        notes = load_weights(vit, str(ckpt))
     vit.requires_grad_(False)
     return vit.eval(), notes
 
 
 def pooled_features(vit, x: torch.Tensor, pool: str, blocks: int) -> torch.Tensor:
-    """(B, blocks * width): per block, the class token (pool="cls") or the mean patch token (pool="mean")
-    after the final norm, for the last `blocks` blocks, oldest first."""
+    """(B, blocks * width): the encoder's own `pooled_features` for the last `blocks` blocks (a ViT: per block,
+    the class token (pool="cls") or the mean patch token (pool="mean") after the final norm; VT: per VT module,
+    the mean token), oldest first."""
     depth = len(vit.blocks)
     if not 1 <= blocks <= depth:
         raise ConfigError(f"features.blocks={blocks}: the encoder has {depth} blocks; choose 1 to {depth}")
@@ -76,10 +77,7 @@ def pooled_features(vit, x: torch.Tensor, pool: str, blocks: int) -> torch.Tenso
         raise ConfigError(f"features.pool={pool!r}: choose cls or mean")
     if pool == "cls" and not getattr(vit, "num_prefix_tokens", 0):
         raise ConfigError("features.pool=cls: the encoder has no class token; use features.pool=mean")
-    outputs = vit.forward_intermediates(x, indices=blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC",
-                                        intermediates_only=True)
-    parts = [prefix[:, 0] if pool == "cls" else tokens.mean(1) for tokens, prefix in outputs]
-    return torch.cat(parts, dim=1)
+    return vit.pooled_features(x, pool, blocks)
 
 
 def eval_loader(data_cfg, which: str, img_size: int, accelerator, *, seed: int = 0,

@@ -1,4 +1,4 @@
-"""Fine-tuning: a timm ViT classifier initialised from a pretrained encoder (MAE's recipe).
+"""Fine-tuning: a timm ViT (or VT-ResNet) classifier initialised from a pretrained encoder (MAE's recipe).
 
     accelerate launch mpp/finetune.py recipes/finetune.yaml ckpt=PATH|none [key=value ...]
     python mpp/finetune.py recipes/finetune_quickstart.yaml ckpt=runs/quickstart model.img_size=48
@@ -36,7 +36,7 @@ from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_sche
 from mpp.features import is_random_init, manifest_classes
 from mpp.knn import topk_hits
 from mpp.models import build_encoder, set_fused_attn
-from mpp.weights import load_into_vit
+from mpp.weights import load_weights
 
 NO_DATA = """data.train is not set: point it at labelled WebDataset shards (a `cls` label per sample).
   python -m data_tools.shard /path/to/class_folders /path/to/shards, then
@@ -52,6 +52,9 @@ def check_config(cfg: FinetuneRunConfig, recipe: str) -> None:
         raise ConfigError(NO_DATA.format(recipe=recipe))
     if cfg.ckpt is None:
         raise ConfigError(NO_CKPT)
+    if cfg.model.tokenizer == "vt" and f.global_pool != "avg":
+        raise ConfigError(f"finetune.global_pool={f.global_pool}: model.tokenizer=vt has no class token; VT "
+                          f"classifies the mean of its tokens: set finetune.global_pool=avg")
     if (f.mixup > 0 or f.cutmix > 0) and cfg.train.micro_batch_size % 2:
         raise ConfigError(
             f"finetune.mixup={f.mixup} / finetune.cutmix={f.cutmix} need an even train.micro_batch_size (timm's "
@@ -132,7 +135,9 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             raise ConfigError(f"data.train={data.train!r} has no manifest naming its classes: set finetune.num_classes")
         plan = plan_schedule(cfg, trainer.num_processes, loader.num_samples)
         # Shapes a checkpoint must share to continue this run (the head's included).
-        shapes = {f"model.{k}": getattr(cfg.model, k) for k in ("tokenizer", "encoder", "img_size", "patch_size", "in_chans")}
+        model = to_dict(cfg.model)  # the tokenizer's own section (model.hybrid, model.t2t, model.vt) too
+        shapes = {f"model.{k}": model[k] for k in ("tokenizer", "encoder", "img_size", "patch_size", "in_chans",
+                                                    cfg.model.tokenizer) if k in model}
         resuming = trainer.check_resume({**shapes, "finetune.num_classes": f.num_classes,
                                          "finetune.global_pool": f.global_pool}) is not None
 
@@ -145,7 +150,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
         elif is_random_init(cfg.ckpt):
             notes = ["ckpt=none: random initialisation"]
         else:
-            notes = load_into_vit(model, cfg.ckpt)
+            notes = load_weights(model, cfg.ckpt)
         accelerator = trainer.open(plan)
         for note in notes:
             accelerator.print(f"note: {note}")

@@ -1,4 +1,4 @@
-"""Weights from any stage's output into a timm `VisionTransformer`.
+"""Weights from any stage's output into an encoder: `load_weights` (a timm `VisionTransformer`: `load_into_vit`).
 
 Every stage writes the encoder under timm's own key names (mpp's encoder *is* timm's class), so
 loading is a key filter plus three adaptations, each reported as a note:
@@ -148,6 +148,37 @@ def model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**{f"{ENCODER}.{k}": v for k, v in vit_state(state).items()}, **decoder_state(state)}
 
 
+def _source(state_or_path) -> tuple[dict, dict | None, str]:
+    if isinstance(state_or_path, (str, Path)):
+        raw, config = read_weights(state_or_path)
+        return raw, config, str(state_or_path)
+    return state_or_path, None, "the given state dict"
+
+
+def load_weights(encoder: torch.nn.Module, state_or_path, *, head: bool = False) -> list[str]:
+    """Load weights into any mpp encoder in place; returns notes on what was adapted. A timm VisionTransformer
+    (tokenizers patch, hybrid, t2t) gets load_into_vit's adaptations; another encoder (VT) takes the saved keys
+    as they are: all of them but the classifier head must be there with the encoder's shapes, else ValueError."""
+    from timm.models.vision_transformer import VisionTransformer
+    if isinstance(encoder, VisionTransformer):
+        return load_into_vit(encoder, state_or_path, head=head)
+    raw, config, source = _source(state_or_path)
+    state, own = vit_state(raw), encoder.state_dict()
+    body = lambda keys: {k for k in keys if not k.startswith("head.")}
+    missing, extra = sorted(body(own) - set(state)), sorted(body(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(body(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        raise ValueError(f"{source} does not fit the {type(encoder).__name__}: missing {missing[:5]}, unexpected "
+                         f"{extra[:5]}, other shapes {shapes[:5]}; build the model the checkpoint was trained with"
+                         f"{_saved_settings(config)}")
+    load = {k: state[k] for k in body(own)}
+    notes: list[str] = []
+    _head(encoder, own, state, load, notes, head)
+    encoder.load_state_dict(load, strict=False)
+    return notes
+
+
 def load_into_vit(vit: torch.nn.Module, state_or_path, *, head: bool = False) -> list[str]:
     """Load weights into a timm VisionTransformer in place; returns notes on what was adapted.
 
@@ -155,11 +186,7 @@ def load_into_vit(vit: torch.nn.Module, state_or_path, *, head: bool = False) ->
     `vit` except head.*, norm.*, fc_norm.* must be in the checkpoint with the same shape (pos_embed
     may have another grid: resampled), else ValueError. `pos_embed.requires_grad` is left as it was.
     """
-    if isinstance(state_or_path, (str, Path)):
-        raw, config = read_weights(state_or_path)
-        source = str(state_or_path)
-    else:
-        raw, config, source = state_or_path, None, "the given state dict"
+    raw, config, source = _source(state_or_path)
     state = vit_state(raw)
     own = vit.state_dict()
     notes: list[str] = []
@@ -282,9 +309,14 @@ def _size_name(width: int) -> str | None:
     return next((name for name, (w, _, _) in VIT_SIZES.items() if w == width), None)
 
 
-def _meaning(key: str, shape) -> str:
+def _patch_tokens(vit) -> bool:
+    from timm.layers import PatchEmbed
+    return isinstance(getattr(vit, "patch_embed", None), PatchEmbed)
+
+
+def _meaning(key: str, shape, patch: bool = True) -> str:
     shape = tuple(shape)
-    if key == "patch_embed.proj.weight" and len(shape) == 4:
+    if key == "patch_embed.proj.weight" and len(shape) == 4 and patch:
         return f"width {shape[0]}, {shape[1]} channels, patch {shape[2]}" + (f"x{shape[3]}" if shape[3] != shape[2] else "")
     if key == "pos_embed" and len(shape) == 3:
         grid = _square_grid(shape[1] - 1)
@@ -298,7 +330,8 @@ def _meaning(key: str, shape) -> str:
 def _mismatch(key, saved_shape, model_shape, vit, source, config) -> str:
     saved, model = tuple(saved_shape), tuple(model_shape)
     fixes = []
-    if key == "patch_embed.proj.weight" and len(saved) == len(model) == 4:
+    patch = _patch_tokens(vit)  # a hybrid's proj is a 1x1 convolution of its CNN's map: no patch to read from it
+    if key == "patch_embed.proj.weight" and patch and len(saved) == len(model) == 4:
         if saved[0] != model[0]:
             name = _size_name(saved[0])
             fixes.append(f"model.encoder={name}" if name else f"an encoder of width {saved[0]}")
@@ -309,7 +342,7 @@ def _mismatch(key, saved_shape, model_shape, vit, source, config) -> str:
     elif saved and model and saved[-1] != model[-1] and _size_name(saved[-1]):
         fixes.append(f"model.encoder={_size_name(saved[-1])}")
     fix = f"set {', '.join(fixes)}" if fixes else "use a model of the checkpoint's shape"
-    meaning = lambda shape: f" = {_meaning(key, shape)}" if _meaning(key, shape) else ""
+    meaning = lambda shape: f" = {_meaning(key, shape, patch)}" if _meaning(key, shape, patch) else ""
     return (f"{key}: checkpoint {saved}{meaning(saved)} vs model {model}{meaning(model)}; {fix} to load "
             f"{source}{_saved_settings(config)}")
 
@@ -318,7 +351,10 @@ def _saved_settings(config) -> str:
     model = (config or {}).get("model")
     if not isinstance(model, dict):
         return ""
-    shown = ", ".join(f"{k}={model[k]}" for k in ("encoder", "img_size", "patch_size", "in_chans") if k in model)
+    keys = ("encoder", "img_size", "patch_size", "in_chans")
+    if model.get("tokenizer", "patch") != "patch":
+        keys = ("tokenizer",) + keys
+    shown = ", ".join(f"{k}={model[k]}" for k in keys if k in model)
     return f" (it was trained with model: {shown})" if shown else ""
 
 

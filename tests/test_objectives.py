@@ -1,6 +1,6 @@
 """Objectives on the shared model layer: MAE, SimMIM and the ViT paper's masked patch prediction, with every
-target and mask kind; what each loss counts, what each encoder sees, the config's refusals, and MAE unchanged
-from before the layer was split into parts."""
+target, mask kind and tokenizer; what each loss counts, what each encoder sees, the config's refusals, and MAE
+unchanged from before the layer was split into parts."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ from timm.models.vision_transformer import VisionTransformer
 from conftest import QUICKSTART, model_config, small_model
 from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.data import normalizer, preview_images
-from mpp.models import OBJECTIVES, TARGETS, VIT_SIZES, build_model, set_fused_attn
+from mpp.models import OBJECTIVES, TARGETS, TOKENIZERS, VIT_SIZES, build_model, set_fused_attn
 from mpp.models.batch_losses import contrastive_loss, uniformity_loss
+from mpp.models.mae import MAEDecoder
 from mpp.models.masking import make_mask
 from mpp.models.patches import gather_tokens
 from mpp.models.views import random_view
@@ -29,6 +30,16 @@ OBJECTIVE_SETTINGS = {  # each objective at its paper's defaults, scaled to the 
     "simmim": ["objective=simmim", "mask.unit=2", "mask.ratio=0.6", "target.loss=l1", "target.norm_pix=false"],
     "vit_mpp": ["objective=vit_mpp", "mask.ratio=0.5", "target.kind=mean_color"],
 }
+# Every tokenizer at 32 px with stride 4 (the quickstart's 8 x 8 grid), as small as its architecture allows.
+TOKENIZER_SETTINGS = {
+    "patch": [],
+    "hybrid": ["tokenizer=hybrid", "hybrid.stem=small", "hybrid.layers=[1,1,1]"],
+    "t2t": ["tokenizer=t2t", "encoder=t2t_7", "t2t.splits=[[3,1,1],[3,2,1],[3,2,1]]"],
+    "vt": ["tokenizer=vt", "encoder=vt_r18", "vt.stem=small"],
+}
+TOKENIZER_OBJECTIVES = [(t, o) for t in TOKENIZER_SETTINGS for o in OBJECTIVES
+                        if TOKENIZERS[t]["vit"] or o == "simmim"
+                        if TOKENIZERS[t]["independent_tokens"] or o != "vit_mpp"]
 
 
 def sample_images(count: int = 16) -> torch.Tensor:
@@ -160,11 +171,11 @@ def test_every_combination_builds_and_trains_a_step(objective, target, kind):
     assert any(n.startswith("encoder.blocks.") for n in changed) and any(n.startswith("head.") for n in changed)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("tokenizer,objective", TOKENIZER_OBJECTIVES)
 @pytest.mark.parametrize("target", TARGETS)
-def test_loss_counts_only_scored_tokens(objective, target):
+def test_loss_counts_only_scored_tokens(tokenizer, objective, target):
     torch.manual_seed(0)
-    model = small_model(*OBJECTIVE_SETTINGS[objective], f"target.kind={target}")
+    model = small_model(*TOKENIZER_SETTINGS[tokenizer], *OBJECTIVE_SETTINGS[objective], f"target.kind={target}")
     preds = capture(model.head.pred)
     out = model(sample_images(8))
     out.loss.backward()
@@ -179,12 +190,24 @@ def test_loss_counts_only_scored_tokens(objective, target):
         assert out.scored.sum(1).tolist() == [48 if objective == "mae" else 4 * round(16 * 0.6)] * 8
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+def encoder_outputs(model) -> list:
+    """What the encoder hands the objective's head in each call: MAE's latent (the decoder's input), SimMIM's
+    and vit_mpp's output at every grid position (the input of the head's linear layer)."""
+    seen = []
+    layer = model.head if isinstance(model.head, MAEDecoder) else model.head.pred
+    layer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    return seen
+
+
+@pytest.mark.parametrize("tokenizer,objective", TOKENIZER_OBJECTIVES)
 @pytest.mark.parametrize("kind", ["random", "block"])
-def test_hidden_pixels_reach_nothing_the_encoder_outputs(objective, kind):
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_hidden_pixels_reach_nothing_the_encoder_outputs(tokenizer, objective, kind, training):
+    # In training mode too: the CNN tokenizers' norms then take batch statistics (over visible positions only).
     torch.manual_seed(0)
-    model = small_model(*OBJECTIVE_SETTINGS[objective], f"mask.kind={kind}", "mask.min_block=4").eval()
-    outputs = capture(model.encoder.norm)
+    model = small_model(*TOKENIZER_SETTINGS[tokenizer], *OBJECTIVE_SETTINGS[objective], f"mask.kind={kind}",
+                        "mask.min_block=4").train(training)
+    outputs = encoder_outputs(model)
     imgs = sample_images(4)
     with torch.no_grad():
         torch.manual_seed(1)
@@ -195,6 +218,7 @@ def test_hidden_pixels_reach_nothing_the_encoder_outputs(objective, kind):
         second = model(changed)
         assert torch.equal(first.hidden, second.hidden)
         assert torch.equal(outputs[0], outputs[1])  # the encoder's output, bit for bit
+        assert torch.equal(first.pred, second.pred)  # and so every prediction
         # A visible pixel, in contrast, reaches it.
         visible = torch.where(~hidden, torch.randn_like(imgs), imgs)
         torch.manual_seed(1)
@@ -261,6 +285,25 @@ def test_vit_mpp_feeds_the_encoder_mask_tokens_other_patches_and_unchanged_ones(
     (["model.target.kind=depth"], ["model.target.kind"]),
     (["model.mask.kind=grid"], ["model.mask.kind"]),
     (["model.img_size=30"], ["model.img_size", "model.patch_size"]),
+    # every tokenizer x objective that cannot work, and the tokenizers' own sections
+    (["model.tokenizer=vt", "model.encoder=vt_r18", "model.vt.stem=small"], ["model.objective", "model.tokenizer"]),
+    (["model.tokenizer=vt", "model.encoder=vt_r18", "model.vt.stem=small", "model.objective=vit_mpp"],
+     ["model.objective", "model.tokenizer"]),
+    (["model.tokenizer=hybrid", "model.hybrid.stem=small", "model.objective=vit_mpp"],
+     ["model.objective", "model.tokenizer"]),
+    (["model.tokenizer=t2t", "model.encoder=t2t_7", "model.t2t.splits=[[3,1,1],[3,2,1],[3,2,1]]",
+      "model.objective=vit_mpp"], ["model.objective", "model.tokenizer"]),
+    (["model.tokenizer=vt", "model.encoder=vt_r18", "model.vt.stem=small", "model.objective=simmim",
+      "model.fuse_blocks=[0]"], ["model.fuse_blocks", "model.tokenizer"]),
+    (["model.tokenizer=vt", "model.encoder=tiny"], ["model.encoder", "model.tokenizer"]),
+    (["model.tokenizer=t2t", "model.encoder=t2t_7"], ["model.patch_size", "model.tokenizer", "model.t2t.splits"]),
+    (["model.tokenizer=hybrid"], ["model.patch_size", "model.tokenizer", "model.hybrid.layers", "model.hybrid.stem"]),
+    (["model.tokenizer=vt", "model.encoder=vt_r18", "model.objective=simmim"],
+     ["model.patch_size", "model.tokenizer", "model.vt.stem"]),
+    (["model.tokenizer=t2t", "model.encoder=t2t_7", "model.patch_size=4", "model.t2t.splits=[[3,1,0],[3,2,0],[3,2,1]]"],
+     ["model.t2t.splits", "model.img_size"]),
+    (["model.tokenizer=hybrid", "model.hybrid.layers=[]"], ["model.hybrid.layers"]),
+    (["model.tokenizer=resnet"], ["model.tokenizer"]),
 ])
 def test_impossible_models_fail_when_the_config_is_read(overrides, keys):
     with pytest.raises(ConfigError) as err:

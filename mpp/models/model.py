@@ -87,10 +87,11 @@ class MaskedImageModel(nn.Module):
     def _init_weights(self):
         # MAE's initialisation, for every objective: xavier for linear layers and the patch projection (as if
         # linear), N(0, 0.02) for the class and mask tokens.
-        proj = getattr(self.encoder.patch_embed, "proj", None)
+        proj = getattr(getattr(self.encoder, "patch_embed", None), "proj", None)
         if isinstance(proj, nn.Conv2d):
             nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        if getattr(self.encoder, "cls_token", None) is not None:
+            nn.init.normal_(self.encoder.cls_token, std=0.02)
         if getattr(self.head, "mask_token", None) is not None:
             nn.init.normal_(self.head.mask_token, std=0.02)
         for m in self.modules():
@@ -110,10 +111,7 @@ class MaskedImageModel(nn.Module):
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens with their positions -> the encoder's output, class token first: blocks (fused, with
         fuse_blocks) and the final norm."""
-        enc = self.encoder
-        x = enc.with_prefix(tokens)
-        x = self.fusion(enc.blocks, x) if self.fusion is not None else enc.blocks(x)
-        return enc.norm(x)
+        return self.encoder.encode(tokens, self.fusion)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None) -> ModelOutput:
         """imgs: normalised (B, C, H, W); mask_ratio: this step's (masking.ratio_at), default model.mask.ratio."""

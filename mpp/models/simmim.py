@@ -5,6 +5,10 @@ position embedding), the encoder sees the whole sequence, and a linear layer pre
 from the encoder's output: for pixels, p*p*3 values per token, which is SimMIM's 1x1 convolution followed
 by a pixel shuffle. SimMIM masks 60% of 32-px units (model.mask.unit 2 on patch 16) and scores the masked
 pixels by L1 (model.target.loss l1, norm_pix off).
+
+The encoder's `masked_grid` does the encoder's part, so any encoder kind trains by it: a ViT (whose
+tokenizer keeps hidden pixels out where its tokens mix them), or VT-ResNet, whose output is the last
+projector's map with the mask token at the hidden positions of its CNN's map (vt.py).
 """
 from __future__ import annotations
 
@@ -27,9 +31,6 @@ class SimMIM(MaskedImageModel):
         return SimMIMHead(self.encoder.width, target_dim)
 
     def predict(self, imgs: torch.Tensor, mask: Mask) -> Prediction:
-        enc = self.encoder
-        tokens = enc.embed(imgs, mask.masked)
-        tokens = torch.where(mask.masked.unsqueeze(-1), self.head.mask_token.to(tokens.dtype), tokens)
-        out = self.encode(enc.add_positions(tokens))[:, enc.num_prefix_tokens:]
+        out = self.encoder.masked_grid(imgs, mask.masked, self.head.mask_token, self.fusion)
         return Prediction(self.head.pred(out), hidden=mask.masked, scored=mask.masked,
                           features=mean_over(out, ~mask.masked))

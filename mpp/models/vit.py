@@ -3,17 +3,25 @@
 Subclassing timm's class (not copying its blocks) makes the encoder's state dict *be* a timm state
 dict: export is a key filter and fine-tuning loads it with no renaming. The subclass adds no weights,
 only the steps a masked objective takes apart (the tokenizer contract every encoder keeps):
-- `embed(imgs, hidden)`: the patch tokens (B, N, D), without positions. `hidden` (B, N) marks tokens whose
-  pixels must not reach the encoder's output; a tokenizer whose tokens mix neighbouring pixels masks them
-  itself, here every token sees its own patch only, so the objective drops or replaces them;
+- `embed(imgs, hidden)`: the tokens (B, N, D), without positions. `hidden` (B, N) marks tokens whose
+  pixels must not reach the encoder's output. The patch tokenizer (timm's PatchEmbed) gives every token its
+  own patch only, so the objective drops or replaces the hidden ones; a tokenizer whose tokens mix
+  neighbouring pixels (hybrid.py, t2t.py: `masks_pixels`) keeps the hidden pixels out itself;
 - `add_positions(tokens)`, `with_prefix(tokens)`: the position embedding, then the class token;
-- `grid` and `patch_size`: the token grid and the pixels per token side.
+- `encode(tokens)`: tokens with their positions through the class token, the blocks and the final norm;
+- `grid` and `patch_size`: the token grid and the pixels per token side (the tokenizer's total stride);
+
+and the two steps every encoder kind offers (vt.py's VT-ResNet too):
+- `masked_grid(imgs, hidden, mask_token)`: (B, N, width) the output at every grid position for an image
+  whose hidden tokens are replaced by `mask_token` (SimMIM's objective);
+- `pooled_features(x, pool, blocks)`: the frozen encoder's feature of an image (probe, kNN).
 """
 from __future__ import annotations
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 # The ViT paper's sizes (width, depth, heads), plus DeiT's tiny/small.
 VIT_SIZES = {
@@ -41,13 +49,15 @@ class ViTEncoder(VisionTransformer):
 
     @property
     def patch_size(self) -> int:
-        return self.patch_embed.patch_size[0]
+        return self.patch_embed.img_size[0] // self.patch_embed.grid_size[0]
 
     @property
     def width(self) -> int:
         return self.embed_dim
 
     def embed(self, imgs: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(self.patch_embed, "masks_pixels", False):
+            return self.patch_embed(imgs, hidden)
         return self.patch_embed(imgs)
 
     def add_positions(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,6 +67,29 @@ class ViTEncoder(VisionTransformer):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)
 
+    def masked_grid(self, imgs: torch.Tensor, hidden: torch.Tensor, mask_token: torch.Tensor,
+                    fusion: nn.Module | None = None) -> torch.Tensor:
+        """(B, N, width): the final norm's output at every token for an image whose `hidden` (B, N) tokens are
+        replaced in place by `mask_token` (1, 1, width) before the position embedding; `fusion` (fusion.py), if
+        given, runs the blocks."""
+        tokens = self.embed(imgs, hidden)
+        tokens = torch.where(hidden.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+        return self.encode(self.add_positions(tokens), fusion)[:, self.num_prefix_tokens:]
+
+    def encode(self, tokens: torch.Tensor, fusion: nn.Module | None = None) -> torch.Tensor:
+        """Tokens with their positions -> the output, class token first: the blocks (run by `fusion` if given)
+        and the final norm."""
+        x = self.with_prefix(tokens)
+        x = fusion(self.blocks, x) if fusion is not None else self.blocks(x)
+        return self.norm(x)
+
+    def pooled_features(self, x: torch.Tensor, pool: str, blocks: int) -> torch.Tensor:
+        """(B, blocks * width): per block, the class token (pool "cls") or the mean patch token (pool "mean")
+        after the final norm, for the last `blocks` blocks, oldest first."""
+        outputs = self.forward_intermediates(x, indices=blocks, norm=True, return_prefix_tokens=True,
+                                             output_fmt="NLC", intermediates_only=True)
+        return torch.cat([prefix[:, 0] if pool == "cls" else tokens.mean(1) for tokens, prefix in outputs], dim=1)
+
 
 def vit_encoder(size: str, img_size: int, patch_size: int, in_chans: int = 3, num_classes: int = 0,
                 pos_embed: str = "sincos", **timm_kwargs) -> ViTEncoder:
@@ -64,15 +97,20 @@ def vit_encoder(size: str, img_size: int, patch_size: int, in_chans: int = 3, nu
     (MAE) or learned (the ViT paper); fine-tuning makes a sin-cos one trainable from there."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
-    if pos_embed not in POS_EMBEDS:
-        raise ValueError(f"unknown position embedding {pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}")
     width, depth, heads = VIT_SIZES[size]
     if img_size % patch_size:
         raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-    vit = ViTEncoder(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-        embed_dim=width, depth=depth, num_heads=heads, **timm_kwargs,
-    )
+    return build_vit(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                     embed_dim=width, depth=depth, num_heads=heads, pos_embed=pos_embed, **timm_kwargs)
+
+
+def build_vit(pos_embed: str = "sincos", **timm_kwargs) -> ViTEncoder:
+    """A ViTEncoder of timm's keyword arguments (embed_layer: the tokenizer), its position embedding fixed
+    sin-cos or learned."""
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"unknown position embedding {pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}")
+    vit = ViTEncoder(**timm_kwargs)
+    width = vit.embed_dim
     if pos_embed == "sincos":
         with torch.no_grad():
             vit.pos_embed.copy_(sincos_pos_embed(vit.patch_embed.grid_size, width))

@@ -418,6 +418,10 @@ class ProbeConfig:
     batch_size: int = 16384         # global; the head is trained on every process alike (see linprobe.py)
     epochs: int = 90
     warmup_epochs: float = 10
+    # A small data set in big batches gives the head too few updates to converge: the batch shrinks to give each
+    # epoch at least min_epoch_steps updates, and epochs are added up to min_steps updates in all.
+    min_epoch_steps: int = 10
+    min_steps: int = 1000
     base_lr: float = 0.1            # lr = base_lr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.0

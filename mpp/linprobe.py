@@ -72,6 +72,24 @@ def build_optimizer(head: torch.nn.Module, probe: ProbeConfig, lr: float) -> tor
     return create_optimizer_v2(head, name, lr=lr, weight_decay=probe.weight_decay, momentum=probe.momentum)
 
 
+def probe_size(n: int, probe) -> tuple[int, int, list[str]]:
+    """(batch, epochs, notes) of a probe on n train samples: probe.batch_size and probe.epochs, unless they give
+    an epoch fewer than probe.min_epoch_steps head updates (the batch shrinks, to 2 at least: BatchNorm) or the
+    probe fewer than probe.min_steps (epochs are added); each change is noted."""
+    if n < 2:
+        raise ValueError(f"{n} train sample(s): the probe's BatchNorm needs batches of 2 or more")
+    batch, epochs, notes = min(probe.batch_size, max(2, n // probe.min_epoch_steps)), probe.epochs, []
+    if batch < probe.batch_size:
+        notes.append(f"probe.batch_size={probe.batch_size} gives {n} train samples fewer than "
+                     f"probe.min_epoch_steps={probe.min_epoch_steps} updates an epoch: batches of {batch}")
+    steps = n // batch
+    if epochs * steps < probe.min_steps:
+        epochs = -(-probe.min_steps // steps)
+        notes.append(f"probe.epochs={probe.epochs} of {steps} steps is fewer than probe.min_steps="
+                     f"{probe.min_steps} head updates: {epochs} epochs")
+    return batch, epochs, notes
+
+
 def train_head(head, optimizer, scheduler, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                steps: int, epoch: int, seed: int, first_step: int) -> float:
     """One epoch over the gathered features in global batches of a seeded permutation; the mean loss.
@@ -151,24 +169,21 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     num_classes, class_notes = class_count(cfg.data.train, train_y, val_y)
     notes += class_notes
     n = len(train_y)
-    batch = min(probe.batch_size, n)
-    if batch < probe.batch_size:
-        notes.append(f"probe.batch_size={probe.batch_size} is more than the {n} train samples: batches of {n}")
-    if batch < 2:
-        raise ValueError(f"{n} train sample(s) of {cfg.data.train!r}: the probe's BatchNorm needs batches of 2 or more")
+    batch, epochs, sizing = probe_size(n, probe)
+    notes += sizing
     steps = n // batch  # the incomplete last batch of an epoch is dropped (a new permutation every epoch)
-    total, lr = probe.epochs * steps, probe.base_lr * batch / 256
+    total, lr = epochs * steps, probe.base_lr * batch / 256
     warmup = min(round(probe.warmup_epochs * steps), total - 1)
     head = build_head(train_f.shape[1], num_classes, cfg.seed).to(device)
     optimizer = build_optimizer(head, probe, lr)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), warmup_t=warmup, warmup_prefix=True,
                                   warmup_lr_init=0.0, lr_min=probe.min_lr, t_in_epochs=False)
-    log = RunLog(accelerator, output_dir, probe.epochs, 0)
+    log = RunLog(accelerator, output_dir, epochs, 0)
     log.print(f"linear probe of {cfg.ckpt}: {n} train / {len(val_y)} val samples, {train_f.shape[1]} features, "
-              f"{num_classes} classes; {probe.epochs} epochs of {steps} steps of {batch}, "
+              f"{num_classes} classes; {epochs} epochs of {steps} steps of {batch}, "
               f"{probe.optimizer} lr {lr:.3g}")
     try:
-        for epoch in range(probe.epochs):
+        for epoch in range(epochs):
             if epoch:  # epoch 0's are at hand
                 train_f, train_y = train_features(epoch)
             if len(train_y) != n:
@@ -186,7 +201,8 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
         log.close()
 
     result = {**evaluate(head, val_f, val_y), "num_eval": len(val_y), "num_train": n, "num_classes": num_classes,
-              "feature_dim": train_f.shape[1], "epochs": probe.epochs, "batch_size": batch, "lr": lr}
+              "feature_dim": train_f.shape[1], "epochs": epochs, "batch_size": batch, "steps": total, "lr": lr,
+              "train_loss": loss}  # the head's last epoch: a probe far from converged shows here
     if not probe.augment:
         # The centre-crop train features are at hand: kNN costs one similarity matmul more.
         result["knn"] = {**knn_accuracy(train_f, train_y, val_f, val_y, cfg.knn, num_classes, device),
@@ -197,7 +213,8 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     for note in notes:
         accelerator.print(f"note: {note}")
     accelerator.print(f"linear probe of {cfg.ckpt}: top-1 {100 * result['top1']:.2f}%, top-5 "
-                      f"{100 * result['top5']:.2f}% on {result['num_eval']} samples; {output_dir / 'linprobe.json'}")
+                      f"{100 * result['top5']:.2f}% on {result['num_eval']} samples (head train loss {loss:.3f}); "
+                      f"{output_dir / 'linprobe.json'}")
     accelerator.wait_for_everyone()
     return result, head
 

@@ -24,7 +24,8 @@ def shards(tmp_path_factory):
 def eval_config(shards, out, **sections) -> EvalConfig:
     data = {"output_dir": str(out), "ckpt": "none", "model": MODEL,
             "data": {"train": str(shards), "num_workers": 0, "batch_size": 16},
-            "probe": {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "augment": False, "base_lr": 3.0},
+            "probe": {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "augment": False, "base_lr": 3.0,
+                      "min_steps": 1, "min_epoch_steps": 1},
             "mixed_precision": "no"}
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -77,7 +78,7 @@ def ddp_runs(tmp_path_factory):
     recipe.write_text(yaml.safe_dump({
         "ckpt": "none", "model": MODEL, "data": {"train": str(shards), "num_workers": 2, "batch_size": 8},
         "probe": {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "augment": False, "base_lr": 3.0,
-                  "cache": "disk"},
+                  "min_steps": 1, "min_epoch_steps": 1, "cache": "disk"},
         "knn": {"k": 5}, "mixed_precision": "no"}))
     script = str(REPO / "tests" / "ddp_eval_check.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -201,3 +202,19 @@ def test_probe_of_pretrained_checkpoint_beats_random_init(tmp_path):
     assert scores["pretrained"]["num_eval"] == scores["random"]["num_eval"] == 1000
     shown = {k: (v["top1"], v["knn"]["top1"]) for k, v in scores.items()}
     assert scores["pretrained"]["top1"] >= scores["random"]["top1"] + 0.02, shown  # measured: +3.6 points
+
+
+@pytest.mark.parametrize("n, batch, epochs", [
+    (50000, 1024, 90),       # CIFAR-10 in the benchmark's probe: as the recipe says
+    (1281167, 16384, 90),    # ImageNet in MAE's: as the recipe says
+    (2400, 240, 100),        # a small photo set: 2 updates an epoch at batch 1,024, 180 in all -> 10 an epoch, 1,000
+    (15, 2, 143),            # tiny: batches of 2 at least (BatchNorm)
+])
+def test_probe_size_gives_the_head_enough_updates(n, batch, epochs):
+    from mpp.config import ProbeConfig
+    from mpp.linprobe import probe_size
+    probe = ProbeConfig(batch_size=16384 if n > 100000 else 1024, epochs=90)
+    got_batch, got_epochs, notes = probe_size(n, probe)
+    assert (got_batch, got_epochs) == (batch, epochs)
+    assert got_epochs * (n // got_batch) >= probe.min_steps and n // got_batch >= min(probe.min_epoch_steps, n // 2)
+    assert len(notes) == (batch != probe.batch_size) + (epochs != probe.epochs)

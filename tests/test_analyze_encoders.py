@@ -200,3 +200,13 @@ def test_a_hog_target_skips_reconstructions_with_its_reason(tmp_path):
     assert code == 0, stderr
     assert read(out, "reconstructions")["checkpoints"][0]["skipped"] == "model.target.kind=hog predicts no pixels"
     assert not read(out, "vt_token_maps")["checkpoints"][0].get("skipped")
+
+
+def test_logging_attention_distances_of_vt_is_refused_before_training(tmp_path):
+    from mpp.config import ConfigError
+    vt = [f"model.{o}" for o in TOKENIZER_SETTINGS["vt"]] + PRETRAIN_SETTINGS["vt"]
+    with pytest.raises(ConfigError, match=r"log.attention_every=5: .* model.tokenizer=vt .* set log.attention_every=0"):
+        quick_config(tmp_path, *vt, "log.attention_every=5")
+    assert quick_config(tmp_path, *vt).log.attention_every == 0
+    t2t = [f"model.{o}" for o in TOKENIZER_SETTINGS["t2t"]] + PRETRAIN_SETTINGS["t2t"]
+    assert quick_config(tmp_path, *t2t, "log.attention_every=5").log.attention_every == 5

@@ -7,7 +7,14 @@ encoder. Writes, for every checkpoint side by side (PNG) with the numbers behind
   patch_filters         principal components of the patch-embedding filters (figure 7, left)
   reconstructions       held-out images restored, for checkpoints that hold a pixel-predicting head
   cls_attention         the class token's attention in the last block, and attention rollout
+  vt_token_maps         VT: each visual token's spatial attention over the feature map (its tokenizer's softmax)
 and analysis.json: the checkpoints, their models, notes and the images used.
+
+Every encoder kind (model.tokenizer): a hybrid's and a T2T-ViT's attention analyses read their backbone's
+blocks, the tokens `patch_size` (the tokenizer's total stride) pixels apart; the filters are a hybrid's or VT's
+first convolution (weight-standardised as it convolves) and T2T's value projection of its first soft split's
+windows (patch_filters.json names the layer). An analysis that does not apply (VT has no attention between grid
+positions nor a class token; a HOG target predicts no pixels) is skipped: its JSON gives the reason.
 
 The model's shape comes from the config stored with the weights; for weights without one (a .pth, `none`),
 from --recipe (with --set key=value overrides), else, for `none`, from the first checkpoint that has one.

@@ -471,6 +471,19 @@ class PretrainConfig:
     resolved: Resolved = dataclasses.field(default_factory=Resolved)
     knn: OnlineKnnConfig = dataclasses.field(default_factory=OnlineKnnConfig)
 
+    def validate(self, prefix: str) -> None:
+        check_attention_logging(self, prefix)
+
+
+def check_attention_logging(cfg, prefix: str) -> None:
+    """log.attention_every reads the attention of transformer blocks between grid positions, which only the
+    ViT-backed encoders have (refused here, not at the first record mid-run)."""
+    from mpp.models import TOKENIZERS
+    if cfg.log.attention_every > 0 and not TOKENIZERS[cfg.model.tokenizer]["vit"]:
+        raise ConfigError(f"{prefix}log.attention_every={cfg.log.attention_every}: the mean attention distance needs "
+                          f"attention between grid positions, which {prefix}model.tokenizer={cfg.model.tokenizer} has "
+                          f"not: set {prefix}log.attention_every=0 (python -m mpp.analyze draws its tokens' maps)")
+
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -502,3 +515,6 @@ class FinetuneRunConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     resolved: Resolved = dataclasses.field(default_factory=Resolved)
+
+    def validate(self, prefix: str) -> None:
+        check_attention_logging(self, prefix)

@@ -184,12 +184,13 @@ def test_principal_components_of_filters_built_from_known_components_are_recover
 
 def test_filters_are_the_patch_projection_or_a_hybrids_first_convolution():
     encoder = small_model().encoder
-    assert torch.equal(first_filters(encoder, 3), encoder.patch_embed.proj.weight)
+    filters, source = first_filters(encoder, 3)
+    assert torch.equal(filters, encoder.patch_embed.proj.weight) and source.startswith("patch_embed.proj:")
     stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
                                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1))
     hybrid = VisionTransformer(img_size=32, patch_size=1, embed_dim=64, depth=1, num_heads=2, num_classes=0,
                                embed_layer=lambda **kw: HybridEmbed(backbone=stem, **kw))
-    assert torch.equal(first_filters(hybrid, 3), stem[0].weight)  # not the 1x1 projection of its features
+    assert torch.equal(first_filters(hybrid, 3)[0], stem[0].weight)  # not the 1x1 projection of its features
 
 
 # ---- the command, on real checkpoints ----

@@ -86,7 +86,7 @@ def attention_distances(encoder, imgs: torch.Tensor, batch_size: int = 32) -> di
         distance, share = mean_distance(probs, distances, prefix)
         sums[index] += torch.stack([distance.sum(0), share.sum(0)])
 
-    with _eval(encoder), attention_hooks(encoder, add):
+    with eval_mode(encoder), attention_hooks(encoder, add):
         for batch in imgs.split(batch_size):
             encoder.forward_features(batch)
     means = [s.cpu() / len(imgs) for s in sums]
@@ -125,14 +125,14 @@ def class_token_maps(encoder, imgs: torch.Tensor) -> dict[str, torch.Tensor] | N
     def keep(index: int, probs: torch.Tensor) -> None:
         head_means[index] = probs.float().mean(1)
 
-    with _eval(encoder), attention_hooks(encoder, keep):
+    with eval_mode(encoder), attention_hooks(encoder, keep):
         encoder.forward_features(imgs)
     maps = {"last": head_means[-1][:, 0, prefix:], "rollout": rollout(head_means)[:, 0, prefix:]}
     return {name: (m / m.sum(-1, keepdim=True)).reshape(-1, h, w) for name, m in maps.items()}
 
 
 @contextmanager
-def _eval(module):
+def eval_mode(module):
     """Eval mode inside (no dropout, no drop path), each submodule's own mode put back after."""
     modes = {m: m.training for m in module.modules()}
     module.eval()

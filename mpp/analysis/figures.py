@@ -3,7 +3,10 @@ and its pretraining model where the weights hold the head) into numbers, `panel`
 mpp.analyze puts the subjects' panels side by side and writes the numbers as JSON. An analysis that does
 not apply to a subject says why (`skipped`), and its panel says so.
 
-A new analysis (e.g. VT's per-visual-token spatial attention) is one more class in ANALYSES.
+Every encoder kind: the attention analyses read the transformer blocks over the token grid (a hybrid's and a
+T2T-ViT's backbone, its tokens `patch_size` = the tokenizer's total stride apart in pixels); VT has no such
+attention (its tokens are no grid positions) and gets the visual tokens' spatial attention instead.
+A new analysis is one more class in ANALYSES.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from mpp.visualize import masked_forward, reconstruction_grid
 from . import draw
 from .attention import attention_distances, block_attentions, class_token_maps, token_centres
 from .embeddings import first_filters, position_similarity, principal_components
+from .visual_tokens import spatial_softmaxes, token_maps
 
 
 @dataclasses.dataclass
@@ -55,6 +59,14 @@ def skipped(reason: str) -> dict:
     return {"skipped": reason}
 
 
+def no_grid_attention(encoder, what: str) -> str:
+    """Why an encoder without timm attention blocks over its token grid has no `what` (an attention analysis)."""
+    if spatial_softmaxes(encoder) is not None:
+        return (f"VT has no {what}: it attends among its visual tokens and from map positions to tokens, never "
+                f"between two grid positions (its tokens' spatial attention: vt_token_maps)")
+    return "its blocks have no timm Attention modules"
+
+
 class Analysis:
     name = ""          # file stem: NAME.png, NAME.json
     title = ""
@@ -80,10 +92,11 @@ class AttentionDistance(Analysis):
     def measure(self, subject, images, options):
         enc = subject.encoder
         if block_attentions(enc) is None:
-            return skipped("its blocks have no timm Attention modules")
+            return skipped(no_grid_attention(enc, "query-key distance on the grid"))
         result = attention_distances(enc, subject.inputs(images[:options.images]), options.batch_size)
         centres = token_centres(enc.grid, enc.patch_size)
-        return {"images": min(len(images), options.images), "grid": list(enc.grid), "patch_size": enc.patch_size,
+        return {"images": min(len(images), options.images), "tokenizer": subject.model_cfg.tokenizer,
+                "grid": list(enc.grid), "patch_size": enc.patch_size,
                 "uniform": torch.cdist(centres, centres).mean().item(),
                 "diagonal": torch.cdist(centres, centres).max().item(), **result}
 
@@ -120,14 +133,17 @@ class PatchFilters(Analysis):
     name = "patch_filters"
     title = "Principal components of the patch-embedding filters"
     description = ("the top principal components of the first layer that reads pixels (a patch ViT's projection, "
-                   "a hybrid's first convolution), each scaled to its own range; first = largest")
+                   "a hybrid's or VT's first convolution, T2T's value projection of its first soft split's windows), "
+                   "each scaled to its own range; first = largest")
 
     def measure(self, subject, images, options):
-        filters = first_filters(subject.encoder, subject.model_cfg.in_chans)
-        if filters is None:
-            return skipped("no convolution or linear layer on the pixels found in patch_embed")
+        found = first_filters(subject.encoder, subject.model_cfg.in_chans)
+        if found is None:
+            return skipped("no convolution or linear layer on the pixels found in patch_embed or backbone")
+        filters, source = found
         components, share = principal_components(filters.cpu(), options.components)
-        return {"filters": list(filters.shape), "variance_share": share.tolist(), "components": components.tolist()}
+        return {"source": source, "filters": list(filters.shape), "variance_share": share.tolist(),
+                "components": components.tolist()}
 
     def panel(self, result, results):
         components = torch.tensor(result["components"])
@@ -176,7 +192,7 @@ class ClassTokenAttention(Analysis):
 
     def measure(self, subject, images, options):
         if block_attentions(subject.encoder) is None:
-            return skipped("its blocks have no timm Attention modules")
+            return skipped(no_grid_attention(subject.encoder, "class token (it classifies its tokens' mean)"))
         shown = images[:options.show]
         maps = class_token_maps(subject.encoder, subject.inputs(shown))
         if maps is None:
@@ -196,4 +212,35 @@ class ClassTokenAttention(Analysis):
         return draw.to_pil(make_grid(draw.enlarge(rows, 96), nrow=3, padding=2, pad_value=1.0))
 
 
-ANALYSES = [AttentionDistance(), PositionSimilarity(), PatchFilters(), Reconstructions(), ClassTokenAttention()]
+class VisualTokenMaps(Analysis):
+    name = "vt_token_maps"
+    title = "Visual tokens' spatial attention (VT)"
+    description = ("per image, one row per VT module: the image | each visual token's weights over the feature "
+                   "map (its tokenizer's softmax over positions), each map scaled to its maximum")
+
+    def measure(self, subject, images, options):
+        if spatial_softmaxes(subject.encoder) is None:
+            return skipped("no visual tokens: only VT's tokenizers draw tokens from the map by a spatial softmax")
+        shown = images[:options.show]
+        maps = token_maps(subject.encoder, subject.inputs(shown))
+        kinds = ["filter-based" if i == 0 else "recurrent" for i in range(len(maps))]
+        return {"images": len(shown), "grid": list(subject.encoder.grid), "tokens": maps[0].shape[1],
+                "modules": kinds, "maps": [m.cpu().tolist() for m in maps], "_images": shown.float().cpu() / 255}
+
+    def panel(self, result, results):
+        images = result["_images"]  # (B, 3, S, S)
+        maps = torch.tensor(result["maps"])  # (modules, B, L, h, w)
+        maps = maps / maps.flatten(-2).max(-1).values[..., None, None]
+        heat = draw.colorize(F.interpolate(maps.flatten(0, 1), size=images.shape[-2:], mode="nearest"))
+        heat = heat.movedim(0, 2).unflatten(0, maps.shape[:2])  # (modules, B, L, 3, S, S)
+        overlay = 0.35 * images.mean(1, keepdim=True)[None, :, None] + 0.65 * heat
+        rows = torch.cat([images[None, :, None].expand(len(maps), -1, -1, -1, -1, -1), overlay], dim=2)
+        rows = rows.transpose(0, 1).flatten(0, 2)  # image by image, its modules' rows in order
+        grid = make_grid(draw.enlarge(rows, 64), nrow=result["tokens"] + 1, padding=2, pad_value=1.0)
+        caption = draw.text_panel(f"rows: {result['images']} images x modules ({', '.join(result['modules'])}); "
+                                  f"columns: the image, then tokens 1 to {result['tokens']}", width=grid.shape[-1])
+        return draw.stack([draw.to_pil(grid), caption])
+
+
+ANALYSES = [AttentionDistance(), PositionSimilarity(), PatchFilters(), Reconstructions(), ClassTokenAttention(),
+            VisualTokenMaps()]

@@ -47,31 +47,41 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+class SpatialSoftmax(nn.Module):
+    """softmax_HW: scores (B, HW, L) -> each token's weights over the map's positions (B, HW, L), positions not
+    `visible` (B, HW) getting none. A module (with no weights) so that a forward hook can read each token's
+    spatial attention (mpp.analysis.visual_tokens)."""
+
+    def forward(self, scores: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        if visible is not None:
+            scores = scores.masked_fill(~visible.unsqueeze(-1), float("-inf"))
+        return scores.softmax(dim=1)
+
+
 class FilterTokenizer(nn.Module):
     def __init__(self, width: int, tokens: int):
         super().__init__()
         self.W_A = nn.Linear(width, tokens, bias=False)
+        self.spatial_softmax = SpatialSoftmax()
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        return spatial_pool(self.W_A(x), x, visible)
+        return spatial_pool(self.spatial_softmax(self.W_A(x), visible), x)
 
 
 class RecurrentTokenizer(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.W_TR = nn.Linear(width, width, bias=False)
+        self.spatial_softmax = SpatialSoftmax()
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         w_r = self.W_TR(tokens)  # (B, L, C): T_in W_T->R, one row of scoring weights per token
-        return spatial_pool(torch.einsum("bnc,blc->bnl", x, w_r), x, visible)
+        return spatial_pool(self.spatial_softmax(torch.einsum("bnc,blc->bnl", x, w_r), visible), x)
 
 
-def spatial_pool(scores: torch.Tensor, x: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    """Tokens (B, L, C) from scores (B, HW, L): each token the softmax-over-positions-weighted mean of the rows
-    of x (B, HW, C); positions not `visible` (B, HW) get no weight."""
-    if visible is not None:
-        scores = scores.masked_fill(~visible.unsqueeze(-1), float("-inf"))
-    return torch.einsum("bnl,bnc->blc", scores.softmax(dim=1), x)
+def spatial_pool(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, L, C): each the mean of the rows of x (B, HW, C) under its weights over the positions (B, HW, L)."""
+    return torch.einsum("bnl,bnc->blc", weights, x)
 
 
 class TokenTransformer(nn.Module):

@@ -237,3 +237,19 @@ def test_two_process_evaluation_counts_each_image_once(pretrained, small_val, tm
     assert (report["top1"], report["top5"]) == (top1 / 37, top5 / 37)
     assert report["ema"]["top1"] == report["top1"]  # lr 0: the average is the model
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1]  # one process wrote the log
+
+
+def test_rand_augment_posterize_at_full_magnitude_gives_black_not_an_error():
+    # rand-m9-mstd0.5-inc1 draws magnitude 10 about once in 50 ops: posterize then keeps 0 bits, which Pillow
+    # refuses; the sample must still be augmented, not dropped as unreadable.
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    from mpp.data.decode import TimmTransform
+    transform = TimmTransform(32, (0.5,) * 3, (0.5,) * 3, training=True)
+    ops = [op for t in transform.transform.transforms for op in getattr(t, "ops", [])]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert list(posterize.aug_fn(image, 0).getdata()) == [(0, 0, 0)] * 64
+    assert list(posterize.aug_fn(image, 1).getdata()) == [(128, 0, 0)] * 64
+    with pytest.raises(ValueError, match="bits"):  # what timm's own op does with this Pillow
+        AugmentOp("PosterizeIncreasing").aug_fn(image, 0)

@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_tools.jpeg import jpeg_size
 
@@ -300,6 +300,24 @@ def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int]:
     return y0, y1, x0, x1
 
 
+def posterize_keeping(img, bits_to_keep, **_):
+    """timm's posterize, where keeping 0 bits gives black, as Pillow did before it refused bits=0."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def keep_zero_bit_posterize(transform) -> None:
+    """RandAugment's increasing posterize keeps 4 - int(4 * magnitude / 10) bits: 0 at magnitude 10, which the
+    spec's `mstd` noise reaches, and which Pillow now refuses (the sample would be dropped as unreadable)."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name == "PosterizeIncreasing":
+                op.aug_fn = posterize_keeping
+
+
 class TimmTransform:
     """bytes -> float normalised (3, size, size) via timm's create_transform (fine-tuning).
 
@@ -317,6 +335,7 @@ class TimmTransform:
             self.transform = create_transform(
                 input_size=size, is_training=True, color_jitter=None, auto_augment=auto_augment,
                 interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
+            keep_zero_bit_posterize(self.transform)
         else:
             self.transform = create_transform(input_size=size, is_training=False, interpolation="bicubic",
                                               crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))

@@ -31,7 +31,7 @@ def small_overrides(output_dir, *extra: str) -> list[str]:
         "train.micro_batch_size=32",
         "data.num_workers=0",
         "data.shuffle_buffer=200",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "log.peak_tflops=1",
         "knn.every=0",  # the quickstart's online kNN; tests that want it set it again
         f"output_dir={output_dir}",

@@ -38,8 +38,8 @@ from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_
 from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
 from mpp.runlog import METRICS_FILE, RunLog, check_trackers_installed, drop_records_after
-from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
-                         precision_note, resolve_settings, set_cpu_threads)
+from mpp.runtime import (CompileTrial, check_no_fsdp_on_cpu, cpu_ddp, dynamo_backend,  # noqa: F401
+                         effective_precision, fused_attn, precision_note, resolve_settings, set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -225,6 +225,7 @@ class Trainer:
         self.state = PartialState(cpu=self.cpu_ddp)
         resolve_settings(cfg, self.state)  # precision and compile, before anything is built from them
         check_trackers_installed(cfg.log.trackers)
+        check_no_fsdp_on_cpu(self.state.device)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint: Path | None = None
         self.saved: SavedCheckpoint | None = None  # the checkpoint's files, read and checked by check_resume

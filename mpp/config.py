@@ -343,6 +343,9 @@ class TrainConfig:
     compile: Union[bool, Literal["auto"]] = "auto"
     cpu_threads: Union[int, None] = None  # on CPU; null: this process's cores / processes on the machine
     max_bad_steps: int = 10         # consecutive non-finite losses that stop the run
+    # recompute each transformer block's activations in the backward pass (timm's set_grad_checkpointing): less
+    # memory for encoders that do not fit, at the cost of a second forward through the blocks
+    grad_checkpointing: bool = False
 
 
 @dataclasses.dataclass
@@ -357,7 +360,9 @@ class OptimConfig:
 class LogConfig:
     every: int = 50                 # steps between metric records
     image_every: int = 1000         # steps between reconstruction grids (one is also written at the end)
-    tensorboard: bool = True
+    # accelerate's trackers the metrics also go to (tensorboard: output_dir/tensorboard; wandb, mlflow, comet_ml, aim,
+    # clearml, dvclive, swanlab, trackio: each once its package is installed); []: metrics.jsonl only
+    trackers: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
     peak_tflops: Union[float, None] = None  # device peak for MFU; null: known GPU table, or measured matmul peak on CPU
     # Steps between records of each block's mean attention distance (attention_distance_<block>, pixels) on a fixed
     # batch: the first attention_images images of the first training shard; 0: off (python -m mpp.analyze draws it)
@@ -365,6 +370,8 @@ class LogConfig:
     attention_images: int = 32
 
     def validate(self, prefix: str) -> None:
+        from mpp.runlog import check_tracker_names
+        check_tracker_names(self.trackers, prefix)
         if self.attention_images < 1:
             raise ConfigError(f"{prefix}attention_images={self.attention_images}: the batch needs at least one image")
 

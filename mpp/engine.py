@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
@@ -37,9 +37,9 @@ from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_
                             tensor_bytes)
 from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
-from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
-from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
-                         precision_note, resolve_settings, set_cpu_threads)
+from mpp.runlog import METRICS_FILE, RunLog, check_trackers_installed, drop_records_after
+from mpp.runtime import (CompileTrial, check_no_fsdp_on_cpu, cpu_ddp, dynamo_backend,  # noqa: F401
+                         effective_precision, fused_attn, precision_note, resolve_settings, set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -224,6 +224,8 @@ class Trainer:
         self.cpu_ddp = cpu_ddp()
         self.state = PartialState(cpu=self.cpu_ddp)
         resolve_settings(cfg, self.state)  # precision and compile, before anything is built from them
+        check_trackers_installed(cfg.log.trackers)
+        check_no_fsdp_on_cpu(self.state.device)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint: Path | None = None
         self.saved: SavedCheckpoint | None = None  # the checkpoint's files, read and checked by check_resume
@@ -280,7 +282,8 @@ class Trainer:
         AcceleratorState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=self.cpu_ddp, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=plan.grad_accum,
-            log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(self.output_dir),
+            log_with=cfg.log.trackers or None, project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "tensorboard")),
             dynamo_backend=dynamo_backend(cfg),
         )
         set_seed(cfg.seed, device_specific=True)
@@ -290,7 +293,7 @@ class Trainer:
             accelerator.print(f"note: {note}")
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("tensorboard")
+        accelerator.init_trackers(self.output_dir.name)  # the project's name (wandb, mlflow); TensorBoard's subfolder
         return accelerator
 
     def save_config(self) -> None:

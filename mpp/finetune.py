@@ -66,6 +66,7 @@ def build_classifier(cfg: FinetuneRunConfig, num_classes: int) -> torch.nn.Modul
     """timm VisionTransformer with a head; pos_embed trainable; head initialised as MAE's fine-tuning does."""
     f = cfg.finetune
     vit = build_encoder(cfg.model, num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=f.drop_path)
+    vit.set_grad_checkpointing(cfg.train.grad_checkpointing)
     vit.pos_embed.requires_grad_(True)  # fixed sin-cos in pretraining, learnt from there on (MAE, BEiT)
     trunc_normal_(vit.head.weight, std=2e-5)  # MAE main_finetune.py: a near-zero head leaves the encoder's
     torch.nn.init.zeros_(vit.head.bias)       # features undisturbed in the first steps

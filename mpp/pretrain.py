@@ -61,6 +61,7 @@ def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
     """The model, its AdamW (no decay on norms, biases, tokens, position embeddings) and the lr schedule."""
     model = build_model(cfg.model, cfg.data.mean, cfg.data.std)
     set_fused_attn(model, fused_attn(cfg, device))
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     optimizer = engine.adamw(model, plan.lr, cfg.optim, device)
     return model, optimizer, cosine_schedule(optimizer, plan, cfg.optim.min_lr)
 

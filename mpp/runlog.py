@@ -1,4 +1,5 @@
-"""What a run reports: a progress bar, a JSONL metrics file, and TensorBoard (through accelerate)."""
+"""What a run reports: a progress bar, a JSONL metrics file, and accelerate's trackers (log.trackers: TensorBoard by
+default; wandb, mlflow, ... for those who install them)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,27 @@ from pathlib import Path
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def check_tracker_names(names: list[str], prefix: str = "log.") -> None:
+    """Refuse a tracker accelerate does not know (it would raise only once the run has started)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from mpp.config import ConfigError
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"{prefix}trackers: unknown tracker {name!r}; choose from "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)}, or [] for metrics.jsonl only")
+
+
+def check_trackers_installed(names: list[str], prefix: str = "log.") -> None:
+    """Refuse a tracker whose package is missing: accelerate would leave it out without a word."""
+    from accelerate.tracking import get_available_trackers
+    from mpp.config import ConfigError
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"{prefix}trackers: {name} is not installed: pip install {name.replace('_', '-')} "
+                              f"(or take {name} out of {prefix}trackers)")
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -48,7 +70,7 @@ class RunLog:
         self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()}, refresh=False)
 
     def record(self, step: int, metrics: dict) -> None:
-        """One metrics record, to the JSONL file and the trackers (TensorBoard)."""
+        """One metrics record, to the JSONL file and the trackers (log.trackers)."""
         if self.main:
             self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
             self.file.flush()

@@ -41,6 +41,16 @@ def cpu_ddp() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def check_no_fsdp_on_cpu(device: torch.device) -> None:
+    """Refuse an FSDP launch (accelerate launch --use_fsdp, or an `accelerate config` with FSDP) on CPUs: accelerate
+    turns FSDP on only for accelerator devices, so the run would silently be plain DDP."""
+    if device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        from mpp.config import ConfigError
+        raise ConfigError("FSDP was asked for (accelerate launch --use_fsdp or an FSDP `accelerate config`), but "
+                          "accelerate runs FSDP on GPUs only and would train this CPU run with plain DDP: launch "
+                          "without FSDP here")
+
+
 def set_cpu_threads(cfg, device: torch.device) -> None:
     """Use this machine's cores on a CPU run. `accelerate launch` sets OMP_NUM_THREADS=1 unless given
     --cpu, which halved the quickstart's speed on a 2-core machine (README, "Performance").

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ def small_overrides(output_dir, *extra: str) -> list[str]:
         "train.micro_batch_size=32",
         "data.num_workers=0",
         "data.shuffle_buffer=200",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "log.peak_tflops=1",
         "knn.every=0",  # the quickstart's online kNN; tests that want it set it again
         f"output_dir={output_dir}",
@@ -96,6 +97,40 @@ def start_pretrain(log_path: Path, *args: str) -> subprocess.Popen:
     finally:
         log.close()  # the child holds its own descriptor
 
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_nodes(script_args: list[str], log_dir: Path, env: dict | None = None,
+                     timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`accelerate launch SCRIPT_ARGS` as two "nodes" of one CPU process each on this machine (README's multi-node
+    command with --num_machines 2, 127.0.0.1 the main node; gloo over loopback): the launchers' results, node 0's
+    first, each with its output (stdout and stderr) in log_dir/node<R>.log and in `stdout`."""
+    port = str(free_port())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [open(log_dir / f"node{rank}.log", "w+") for rank in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+         "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, script_args)],
+        cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1", **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+        text=True) for rank, log in enumerate(logs)]
+    results = []
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, log.read(), ""))
+        log.close()
+    return results
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log_path: Path):
     """Poll `predicate()` until it returns something truthy; fail if `proc` exits first or time runs out."""

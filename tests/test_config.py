@@ -56,7 +56,8 @@ def test_unknown_section_is_caught(tmp_path):
     ("train.batch_size=1.5", "train.batch_size", "int"),
     ("train.batch_size=true", "train.batch_size", "int"),  # a bool is not an int here
     ("optim.base_lr=fast", "optim.base_lr", "float"),
-    ("log.tensorboard=maybe", "log.tensorboard", "bool"),
+    ("train.grad_checkpointing=maybe", "train.grad_checkpointing", "bool"),
+    ("log.trackers=tensorboard", "log.trackers", "list of str"),
     ("data.crop_scale=0.5", "data.crop_scale", "list of float"),
     ("model=tiny", "model", "mapping"),
 ])
@@ -127,12 +128,12 @@ def test_missing_recipe_names_the_path(tmp_path):
 def test_overrides_parse_as_yaml():
     cfg = load_config(PretrainConfig, QUICKSTART, [
         "optim.base_lr=1e-4", "optim.min_lr=0", "train.grad_clip=1", "train.steps=12", "train.steps=13",
-        "log.tensorboard=false", "data.crop_scale=[0.5, 1]", "resume=null", "train.fused_attn=true",
+        "log.trackers=[]", "data.crop_scale=[0.5, 1]", "resume=null", "train.fused_attn=true",
     ])
     assert cfg.optim.base_lr == 1e-4 and type(cfg.optim.base_lr) is float
     assert type(cfg.optim.min_lr) is float and type(cfg.train.grad_clip) is float
     assert cfg.train.steps == 13  # the last override wins
-    assert cfg.log.tensorboard is False and cfg.train.fused_attn is True
+    assert cfg.log.trackers == [] and cfg.train.fused_attn is True
     assert cfg.data.crop_scale == [0.5, 1.0] and all(type(v) is float for v in cfg.data.crop_scale)
     assert cfg.resume is None
 

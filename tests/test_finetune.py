@@ -28,7 +28,7 @@ def ft_overrides(output_dir, *extra: str) -> list[str]:
     """Small, fast fine-tuning settings on the sample shards; `extra` come last, so they win."""
     return [f"data.train={SAMPLE_DATA}", "model.encoder=tiny", "model.img_size=32", "model.patch_size=4",
             "train.batch_size=16", "train.micro_batch_size=16", "train.warmup_steps=1", "data.num_workers=0",
-            "data.shuffle_buffer=100", "data.batch_size=250", "log.every=1", "log.tensorboard=false",
+            "data.shuffle_buffer=100", "data.batch_size=250", "log.every=1", "log.trackers=[]",
             "log.peak_tflops=1", "finetune.rand_augment=null", f"output_dir={output_dir}", "resume=null", *extra]
 
 

@@ -4,6 +4,7 @@ augmented path draws fresh crops every epoch, and the errors a user meets first.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, quick_config, run_train, subprocess_env
+from conftest import REPO, launch_two_nodes, quick_config, run_train, subprocess_env
 from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
 from mpp.config import EvalConfig, ProbeConfig, from_dict
 from mpp.linprobe import build_head, build_optimizer, main, run_probe
@@ -125,6 +126,26 @@ def test_ddp_probe_and_knn_results_equal_one_process(ddp_runs):
     assert report["num_eval"] == 37 and report["top1"] == one["probe"]["top1"]
     assert sorted(p.name.split("-")[0] for p in (tmp / "two" / "run" / "features").glob("*.pt")) == ["train", "val"]
 
+
+
+def test_two_nodes_count_and_probe_as_two_processes_on_one(ddp_runs):
+    # The same evaluation as two "nodes" of one process each (README's multi-node launch on 127.0.0.1), each process
+    # with the CPU threads it had as one of two on this machine: what each node gets is the 2-process run's.
+    records, tmp = ddp_runs
+    threads = f"cpu_threads={max(1, len(os.sched_getaffinity(0)) // 2)}"
+    results = launch_two_nodes([REPO / "tests" / "ddp_eval_check.py", tmp / "nodes", tmp / "eval.yaml",
+                                f"output_dir={tmp / 'nodes' / 'run'}", threads], tmp / "nodes-logs")
+    assert [r.returncode for r in results] == [0, 0], "\n".join(r.stdout[-3000:] for r in results)
+    nodes = [torch.load(p, weights_only=False) for p in sorted((tmp / "nodes").glob("rank*.pt"))]
+    assert [(r["rank"], r["world_size"]) for r in nodes] == [(0, 2), (1, 2)]
+    for node, two in zip(nodes, records["two"]):
+        assert node["keys"] == two["keys"] and torch.equal(node["labels"], two["labels"])
+        assert torch.equal(node["features"], two["features"])
+        for stage in ("probe", "knn"):  # everything but the wall time and the paths
+            assert ({k: v for k, v in node[stage].items() if k not in ("seconds", "ckpt")}
+                    == {k: v for k, v in two[stage].items() if k not in ("seconds", "ckpt")}), stage
+        assert node["online"] == two["online"]
+        assert all(torch.equal(value, two["head"][key]) for key, value in node["head"].items())
 
 # ---- the protocol ----
 

@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import (QUICKSTART, REPO, checkpoint_steps, pretrain_command, quick_config, read_metrics, run_train,
-                      small_overrides, start_pretrain, subprocess_env, wait_for)
+from conftest import (QUICKSTART, REPO, checkpoint_steps, launch_two_nodes, pretrain_command, quick_config,
+                      read_metrics, run_train, small_overrides, start_pretrain, subprocess_env, wait_for)
 from mpp.config import ConfigError, PretrainConfig, load_config, to_dict
 
 E2E_STEPS = 60
@@ -416,6 +416,38 @@ def test_ddp_stopped_and_resumed_run_ends_bit_identical(ddp_run, tmp_path):
         final = torch.load(tmp_path / "resumed" / f"rank{rank}.pt")["final"]
         differing = [k for k in expected if not torch.equal(final[k], expected[k])]
         assert not differing, f"process {rank}, stopped at step {stop + 1}: {differing[:3]} differ"
+    assert ([(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run")]
+            == [(r["step"], r["loss"]) for r in read_metrics(ddp_run / "run")])
+
+
+def launch_ddp_two_nodes(tmp_path, *extra: str, out: str, env: dict | None = None) -> list:
+    """launch_ddp's run as two "nodes" of one process each (conftest.launch_two_nodes)."""
+    return launch_two_nodes([REPO / "tests" / "ddp_pretrain_check.py", tmp_path / out,
+                             *small_overrides(tmp_path / "run", *DDP_OVERRIDES, *extra)], tmp_path / f"{out}-logs",
+                            env=env)
+
+
+def test_two_nodes_stopped_and_resumed_end_as_the_single_node_run(ddp_run, tmp_path):
+    # Two nodes of one process each: node 1 alone is stopped (SIGTERM after step 2), both checkpoint the next step
+    # and exit; resumed, each node ends bit-identical to the other and to the one-node 2-process run (ddp_run).
+    # Each process's CPU threads as in the one-node run, where two processes share the cores (the float sums of a
+    # matmul depend on its thread count).
+    threads = f"train.cpu_threads={max(1, len(os.sched_getaffinity(0)) // 2)}"
+    stopped = launch_ddp_two_nodes(tmp_path, "train.mixed_precision=no", threads, out="stopped",
+                                   env={"MPP_TEST_SIGTERM_RANK1_AFTER": "2"})
+    assert [r.returncode for r in stopped] == [0, 0], "\n".join(r.stdout[-3000:] for r in stopped)
+    assert checkpoint_steps(tmp_path / "run") == [3]
+    infos = [json.loads((tmp_path / "stopped" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(i["env_rank"], i["process_index"], i["num_processes"], i["optimizer_steps"]) for i in infos] == \
+        [(0, 0, 2, 3), (1, 1, 2, 3)]
+    resumed = launch_ddp_two_nodes(tmp_path, "train.mixed_precision=no", threads, "resume=auto", out="resumed")
+    assert [r.returncode for r in resumed] == [0, 0], "\n".join(r.stdout[-3000:] for r in resumed)
+    assert re.search(r"resumed\b.*\bat step 3\b", resumed[0].stdout)
+    finals = [torch.load(tmp_path / "resumed" / f"rank{rank}.pt")["final"] for rank in range(2)]
+    reference = torch.load(ddp_run / "out" / "rank0.pt")["final"]
+    for rank, final in enumerate(finals):
+        differing = [k for k in reference if not torch.equal(final[k], reference[k])]
+        assert not differing, f"node {rank}: {differing[:3]} differ from the one-node run"
     assert ([(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run")]
             == [(r["step"], r["loss"]) for r in read_metrics(ddp_run / "run")])
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import QUICKSTART, quick_config, read_metrics, run_train
 from eval_subset import fresh_accelerate_state  # noqa: F401 (autouse: each run makes its own Accelerator)
 from mpp import runtime
-from mpp.config import PretrainConfig, load_config
+from mpp.config import ConfigError, PretrainConfig, load_config
 from mpp.flops import Utilisation
 from mpp.runtime import CompileTrial, choose_compile, choose_precision
 
@@ -245,3 +245,14 @@ def test_bench_train_reports_the_precision_it_ran_and_its_yardstick(monkeypatch)
     assert len(result["img_per_s_rounds"]) == len(result["plain_img_per_s_rounds"]) == 2
     assert result["mpp_over_plain"] == pytest.approx(result["img_per_s"] / result["plain_img_per_s"])
     assert result["mfu"] is None or 0 < result["mfu"] <= 1
+
+
+def test_an_fsdp_launch_on_cpus_is_refused_before_the_run(tmp_path, monkeypatch):
+    # accelerate launch --use_fsdp sets ACCELERATE_USE_FSDP; on CPUs accelerate would train with plain DDP instead.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        run_train(quick_config(out))
+    message = str(err.value)
+    assert "\n" not in message and "FSDP" in message and "plain DDP" in message
+    assert not out.exists()

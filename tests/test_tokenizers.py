@@ -254,7 +254,7 @@ def test_fine_tuning_loads_its_checkpoint_and_trains_a_step(pretrained, tmp_path
     overrides = [f"model.{o}" for o in TOKENIZER_SETTINGS[pretrained["tokenizer"]]] + PRETRAIN_SETTINGS[pretrained["tokenizer"]]
     args = [str(RECIPES / "finetune_quickstart.yaml"), f"data.train={SAMPLE_DATA}", f"ckpt={pretrained['run']}",
             "model.encoder=tiny", *overrides, "data.num_workers=0", "train.steps=2", "train.warmup_steps=1",
-            "train.batch_size=16", "train.micro_batch_size=16", "data.batch_size=250", "log.tensorboard=false",
+            "train.batch_size=16", "train.micro_batch_size=16", "data.batch_size=250", "log.trackers=[]",
             "log.peak_tflops=1", f"output_dir={tmp_path}", "resume=null", "checkpoint.every=100"]
     assert finetune.main(args) == 0
     report = json.loads((tmp_path / "finetune.json").read_text())

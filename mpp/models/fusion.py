@@ -7,6 +7,7 @@ pretraining's only, like the head whose input they make."""
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint
 from torch import nn
 
 
@@ -20,11 +21,12 @@ class BlockFusion(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(width, width) for _ in self.blocks)
         self.weights = nn.Parameter(torch.ones(len(self.blocks) + 1))  # one per fused block, the last's included
 
-    def forward(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """Run `blocks` over x, returning the fused output (before the encoder's final norm)."""
+    def forward(self, blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """Run `blocks` over x, returning the fused output (before the encoder's final norm); `checkpointed`: each
+        block's activations recomputed in the backward pass (the encoder's grad_checkpointing)."""
         fused = []
         for i, block in enumerate(blocks):
-            x = block(x)
+            x = checkpoint(block, x) if checkpointed else block(x)
             if i in self.blocks:
                 fused.append(self.proj[len(fused)](x))
         weights = self.weights.softmax(0)

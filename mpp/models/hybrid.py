@@ -63,6 +63,11 @@ class HybridTokens(HybridEmbed):
         with self.visibility.showing(visible):
             return super().forward(self.visibility.hide(x))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Not for the CNN: its mask-aware layers read the visible positions from a context (`showing`) that has
+        ended when the backward pass would recompute them, which would then see every pixel. The encoder's
+        transformer blocks are still checkpointed."""
+
 
 def hybrid_encoder(size: str, img_size: int, patch_size: int, in_chans: int = 3, num_classes: int = 0,
                    pos_embed: str = "sincos", layers=(3, 4, 9), stem: str = "timm", **timm_kwargs) -> ViTEncoder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import LayerNorm  # eps 1e-6, as timm's ViT and MAE use
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -28,6 +29,11 @@ class MAEDecoder(nn.Module):
                                       for _ in range(depth)])
         self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, target_dim)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """As timm's models: recompute the blocks' activations in the backward pass."""
+        self.grad_checkpointing = enable
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, 1 + K, width): class token then the visible tokens -> (B, N, target dim)."""
@@ -36,7 +42,7 @@ class MAEDecoder(nn.Module):
         masked = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)
         patches = gather_tokens(torch.cat([x[:, 1:], masked], dim=1), ids_restore)
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
+        x = self.norm(checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x))
         return self.pred(x[:, 1:])
 
 

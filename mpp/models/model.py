@@ -103,6 +103,12 @@ class MaskedImageModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch, for the encoder and a head with transformer blocks (MAE's decoder)."""
+        self.encoder.set_grad_checkpointing(enable)
+        if hasattr(self.head, "set_grad_checkpointing"):
+            self.head.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """Names timm's optimizer factory keeps out of weight decay (norms and biases it finds itself)."""
         return {"encoder.cls_token", "encoder.pos_embed", *(f"head.{n}" for n, _ in self.head.named_parameters()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -80,7 +81,10 @@ class ViTEncoder(VisionTransformer):
         """Tokens with their positions -> the output, class token first: the blocks (run by `fusion` if given)
         and the final norm."""
         x = self.with_prefix(tokens)
-        x = fusion(self.blocks, x) if fusion is not None else self.blocks(x)
+        if fusion is not None:
+            x = fusion(self.blocks, x, checkpointed=self.grad_checkpointing)
+        else:
+            x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
         return self.norm(x)
 
     def pooled_features(self, x: torch.Tensor, pool: str, blocks: int) -> torch.Tensor:

@@ -28,9 +28,12 @@ position: SimMIM's 1x1 convolution + pixel shuffle).
 """
 from __future__ import annotations
 
+import functools
+
 import timm
 import torch
 from timm.layers import DropPath, LayerNorm
+from timm.models import checkpoint
 from torch import nn
 
 from .sparse import mask_aware
@@ -169,6 +172,13 @@ class VTEncoder(nn.Module):
         self.norm = LayerNorm(self.width)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.width, num_classes) if num_classes else nn.Identity()
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """As timm's models, for the VT modules (they take the visible positions as an argument). Not for the
+        mask-aware ResNet: it reads them from a context (sparse.py) that has ended when the backward pass would
+        recompute it."""
+        self.grad_checkpointing = enable
 
     # ---- the map and the modules ----
     def feature_map(self, imgs: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,7 +195,8 @@ class VTEncoder(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         tokens, outputs = None, []
         for block in self.blocks:
-            tokens, x = block(x, tokens, visible)
+            run = functools.partial(checkpoint, block) if self.grad_checkpointing else block
+            tokens, x = run(x, tokens, visible)
             outputs.append(tokens)
         return outputs, x
 

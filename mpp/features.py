@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from mpp.config import ConfigError, to_dict
 from mpp.runtime import cpu_ddp, effective_precision, resolve_settings, set_cpu_threads
 from mpp.data import ShardLoader
 from mpp.data.loader import EpochPlan, split_batches
+from mpp.fileio import atomic_path
 from mpp.models import build_encoder as build_model_encoder, build_model
 
 CACHE_VERSION = 2  # bump when what a feature is changes, so old disk caches are not reused (2: MAE-init baseline)
@@ -243,14 +243,6 @@ def eval_features(cfg, accelerator, vit, loader: ShardLoader, to_input, name: st
         accelerator, vit, loader, to_input, cfg.features.pool, cfg.features.blocks))
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Written whole or not at all (temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def cached_features(accelerator, path: Path | None, extract):
     """`extract()` (collective), or the features saved at `path` by an earlier run; saves them there if
     new (main process; temporary file renamed into place, so a killed run leaves no half file).
@@ -266,8 +258,7 @@ def cached_features(accelerator, path: Path | None, extract):
     features, labels = extract()
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        torch.save({"features": features, "labels": labels}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"features": features, "labels": labels}, tmp)
     accelerator.wait_for_everyone()
     return features, labels

@@ -19,7 +19,6 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # as in mpp/pretrain.py
 
-import json
 
 import torch
 from accelerate.utils import set_seed
@@ -34,6 +33,7 @@ from mpp.config import ConfigError, FinetuneRunConfig, to_dict
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
 from mpp.features import is_random_init, manifest_classes
+from mpp.fileio import write_json
 from mpp.knn import topk_hits
 from mpp.models import build_encoder, set_fused_attn
 from mpp.weights import load_weights
@@ -212,7 +212,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
                           "config": to_dict(cfg)}
                 if ema is not None:
                     report["ema"] = results["ema"]
-                (trainer.output_dir / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+                write_json(trainer.output_dir / "finetune.json", report)
     return raw_model
 
 

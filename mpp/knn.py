@@ -29,7 +29,8 @@ from mpp import engine
 from mpp.config import ConfigError, EvalConfig, to_dict
 from mpp.data import normalizer
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data, write_json)
+                          require_ckpt, require_data)
+from mpp.fileio import write_json
 
 SIMILARITY_BUDGET = 2**27  # similarity entries per chunk of queries (512 MB of float32)
 

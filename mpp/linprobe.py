@@ -41,7 +41,8 @@ from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
 from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data, write_json)
+                          require_ckpt, require_data)
+from mpp.fileio import write_json
 from mpp.knn import knn_accuracy, topk_accuracy
 from mpp.runlog import RunLog
 

@@ -30,13 +30,13 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
                             first_line, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint,
                             tensor_bytes)
 from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
+from mpp.lr_schedule import scaled_lr
 from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
 from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
                          precision_note, resolve_settings, set_cpu_threads)
@@ -120,14 +120,7 @@ def plan_schedule(cfg, num_processes: int, num_samples: int) -> Schedule:
     total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
     return Schedule(grad_accum=t.batch_size // per_step, steps_per_epoch=steps_per_epoch, total_steps=total,
-                    warmup_steps=min(warmup, total - 1), lr=cfg.optim.base_lr * t.batch_size / 256)
-
-
-def cosine_schedule(optimizer, plan: Schedule, min_lr: float) -> CosineLRScheduler:
-    """Linear warm-up from 0, then cosine to min_lr, stepped every optimizer step. timm's scheduler
-    multiplies each parameter group's `lr_scale` in (layer-wise lr decay)."""
-    return CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps, warmup_t=plan.warmup_steps,
-                             warmup_prefix=True, warmup_lr_init=0.0, lr_min=min_lr, t_in_epochs=False)
+                    warmup_steps=min(warmup, total - 1), lr=scaled_lr(cfg.optim.base_lr, t.batch_size))
 
 
 # Devices with torch's fused AdamW kernel: one pass over all tensors instead of ~10 ops per tensor.

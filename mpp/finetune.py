@@ -31,7 +31,8 @@ from mpp import engine
 from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, FinetuneRunConfig, to_dict
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
+from mpp.engine import Periodic, Trainer, fused_attn, plan_schedule
+from mpp.lr_schedule import cosine_schedule
 from mpp.features import is_random_init, manifest_classes
 from mpp.fileio import write_json
 from mpp.knn import topk_hits
@@ -156,7 +157,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             accelerator.print(f"note: {note}")
 
         optimizer = build_optimizer(cfg, model, plan.lr, accelerator.device)
-        scheduler = cosine_schedule(optimizer, plan, cfg.optim.min_lr)
+        scheduler = cosine_schedule(optimizer, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr)
         model.to(accelerator.device)
         ema = ModelEmaV3(model, decay=f.ema_decay) if f.ema else None
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from timm.optim import Lars, create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 from mpp import engine
 from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
@@ -44,6 +43,7 @@ from mpp.features import (build_encoder, class_count, eval_accelerator, eval_fea
                           require_ckpt, require_data)
 from mpp.fileio import write_json
 from mpp.knn import knn_accuracy, topk_accuracy
+from mpp.lr_schedule import cosine_schedule, scaled_lr
 from mpp.runlog import RunLog
 
 
@@ -158,12 +158,11 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     if batch < 2:
         raise ValueError(f"{n} train sample(s) of {cfg.data.train!r}: the probe's BatchNorm needs batches of 2 or more")
     steps = n // batch  # the incomplete last batch of an epoch is dropped (a new permutation every epoch)
-    total, lr = probe.epochs * steps, probe.base_lr * batch / 256
+    total, lr = probe.epochs * steps, scaled_lr(probe.base_lr, batch)
     warmup = min(round(probe.warmup_epochs * steps), total - 1)
     head = build_head(train_f.shape[1], num_classes, cfg.seed).to(device)
     optimizer = build_optimizer(head, probe, lr)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), warmup_t=warmup, warmup_prefix=True,
-                                  warmup_lr_init=0.0, lr_min=probe.min_lr, t_in_epochs=False)
+    scheduler = cosine_schedule(optimizer, total, warmup, probe.min_lr)
     log = RunLog(accelerator, output_dir, probe.epochs, 0)
     log.print(f"linear probe of {cfg.ckpt}: {n} train / {len(val_y)} val samples, {train_f.shape[1]} features, "
               f"{num_classes} classes; {probe.epochs} epochs of {steps} steps of {batch}, "

@@ -26,8 +26,9 @@ from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import (NonFiniteLoss, Periodic, RunState, Schedule, Trainer, Window, check_resumable,  # noqa: F401
-                        cosine_schedule, effective_precision, fused_attn, plan_schedule, set_cpu_threads)
+                        effective_precision, fused_attn, plan_schedule, set_cpu_threads)
 from mpp.knn import OnlineKnn
+from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_model, ratio_at, set_fused_attn
 from mpp.visualize import save_reconstruction
 
@@ -62,7 +63,7 @@ def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
     model = build_model(cfg.model, cfg.data.mean, cfg.data.std)
     set_fused_attn(model, fused_attn(cfg, device))
     optimizer = engine.adamw(model, plan.lr, cfg.optim, device)
-    return model, optimizer, cosine_schedule(optimizer, plan, cfg.optim.min_lr)
+    return model, optimizer, cosine_schedule(optimizer, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr)
 
 
 def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:

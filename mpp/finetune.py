@@ -14,10 +14,9 @@ checkpoints (resume=auto continues a run), and finetune.json with the final numb
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # as in mpp/pretrain.py
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
 
 import torch

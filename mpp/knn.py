@@ -12,14 +12,12 @@ resolved config. `OnlineKnn` runs the same inside pretraining every `knn.every` 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`python mpp/knn.py`): import the package from the repo root,
-    # and keep mpp/ itself off the path so its modules cannot shadow top-level ones.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

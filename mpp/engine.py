@@ -38,8 +38,8 @@ from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
 from mpp.lr_schedule import scaled_lr
 from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
-from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, fused_attn,  # noqa: F401
-                         precision_note, resolve_settings, set_cpu_threads)
+from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, precision_note, resolve_settings,
+                         set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):

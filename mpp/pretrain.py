@@ -22,11 +22,11 @@ from mpp import engine
 from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import (NonFiniteLoss, Periodic, RunState, Schedule, Trainer, Window, check_resumable,  # noqa: F401
-                        effective_precision, fused_attn, plan_schedule, set_cpu_threads)
+from mpp.engine import Periodic, RunState, Schedule, Trainer, plan_schedule
 from mpp.knn import OnlineKnn
 from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_model, ratio_at, set_fused_attn
+from mpp.runtime import fused_attn
 from mpp.visualize import save_reconstruction
 
 NO_DATA = """data.train is not set: point it at WebDataset shards.

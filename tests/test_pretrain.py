@@ -229,7 +229,7 @@ def good_then_nan(tmp_path, monkeypatch):
     the step-2 checkpoint folder, sha256 of its files).
     """
     from mpp.models import MaskedImageModel
-    from mpp.pretrain import NonFiniteLoss
+    from mpp.engine import NonFiniteLoss
 
     run_train(quick_config(tmp_path, "train.steps=2", "checkpoint.every=2", "log.every=1"))
     assert checkpoint_steps(tmp_path) == [2]

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
@@ -158,10 +158,8 @@ _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension 
 
 @dataclass
 class SliceStats:
-    """What read_slice could not deliver: planned samples missing, and slices that ended early."""
+    """What read_slice could not deliver: planned samples missing (each short slice is logged with its cause)."""
     missing: int = 0
-    truncated: int = 0
-    errors: list = field(default_factory=list)
 
 
 class _Prefixed:
@@ -266,9 +264,6 @@ def read_slice(url: str, skip: int = 0, take: int | None = None, stats: SliceSta
 def _short(url, stats: SliceStats, take, delivered: int, err) -> None:
     if take != math.inf:
         stats.missing += take - delivered
-    stats.truncated += 1
-    if err is not None and len(stats.errors) < 20:
-        stats.errors.append(f"{url}: {type(err).__name__}: {err}")
     log.warning("shard %s ended after %d of %s planned samples%s", url, delivered, take,
                 f" ({type(err).__name__}: {err})" if err is not None else "")
 

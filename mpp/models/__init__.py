@@ -174,7 +174,7 @@ def check_model_config(m, prefix: str = "model.") -> None:
         fail(f"{{p}}fuse_blocks={list(m.fuse_blocks)}: give blocks 0 to {depth - 2} of the {depth}-block "
              f"{{p}}encoder={m.encoder} (the last one is always fused)")
     if m.uniformity < 0 or m.contrastive < 0 or m.contrastive_temperature <= 0:
-        fail(f"{{p}}uniformity and {{p}}contrastive must be >= 0 and {{p}}contrastive_temperature > 0")
+        fail("{p}uniformity and {p}contrastive must be >= 0 and {p}contrastive_temperature > 0")
 
 
 def check_tokenizer_section(m, fail) -> None:

@@ -31,13 +31,13 @@ from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, FinetuneRunConfig, to_dict
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import Periodic, Trainer, plan_schedule
-from mpp.features import is_random_init, manifest_classes
+from mpp.classes import manifest_classes
 from mpp.fileio import write_json
 from mpp.knn import topk_hits
 from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_encoder, set_fused_attn
 from mpp.runtime import fused_attn
-from mpp.weights import load_weights
+from mpp.weights import is_random_init, load_weights
 
 NO_DATA = """data.train is not set: point it at labelled WebDataset shards (a `cls` label per sample).
   python -m data_tools.shard /path/to/class_folders /path/to/shards, then

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from mpp import engine
+from mpp.classes import class_count
 from mpp.config import ConfigError, EvalConfig, to_dict
 from mpp.data import normalizer
-from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data)
+from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
+from mpp.feature_cache import eval_features
+from mpp.features import extract_features
 from mpp.fileio import write_json
+from mpp.models import frozen_encoder
 
 SIMILARITY_BUDGET = 2**27  # similarity entries per chunk of queries (512 MB of float32)
 
@@ -123,7 +126,7 @@ def run_knn(cfg: EvalConfig, recipe: str = "RECIPE") -> dict:
     start = time.perf_counter()
     notes = [n for n in [engine.precision_note(accelerator, cfg.mixed_precision, "mixed_precision")] if n]
     set_seed(cfg.seed)  # the same random-init encoder on every process
-    vit, load_notes = build_encoder(cfg.model, cfg.ckpt)
+    vit, load_notes = frozen_encoder(cfg.model, cfg.ckpt)
     notes += load_notes
     vit.to(accelerator.device)
     to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)

@@ -34,14 +34,17 @@ from accelerate.utils import set_seed
 from timm.optim import Lars, create_optimizer_v2
 
 from mpp import engine
+from mpp.classes import class_count
 from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
-from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data)
+from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
+from mpp.feature_cache import eval_features
+from mpp.features import extract_features
 from mpp.fileio import write_json
 from mpp.knn import knn_accuracy, topk_accuracy
 from mpp.lr_schedule import cosine_schedule, scaled_lr
+from mpp.models import frozen_encoder
 from mpp.runlog import RunLog
 
 
@@ -120,7 +123,7 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same random-init encoder on every process
-    vit, load_notes = build_encoder(cfg.model, cfg.ckpt)
+    vit, load_notes = frozen_encoder(cfg.model, cfg.ckpt)
     notes += load_notes
     vit.to(device)
     to_input = normalizer(cfg.data.mean, cfg.data.std, device)

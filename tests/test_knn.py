@@ -85,7 +85,7 @@ def test_pooled_features_are_the_final_norm_tokens_of_the_last_blocks():
 def test_fingerprint_follows_what_the_features_depend_on(shards, tmp_path):
     from mpp.config import FeatureConfig, ModelConfig
     from mpp.data import ShardLoader
-    from mpp.features import feature_fingerprint
+    from mpp.feature_cache import feature_fingerprint
 
     model = from_dict(ModelConfig, MODEL)
     loader = ShardLoader(str(shards), mode="eval", split="val", batch_size=8, img_size=32, num_workers=0,

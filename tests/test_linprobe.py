@@ -35,6 +35,7 @@ class Extractions:
     """Records every extract_features call of mpp.linprobe (the live path and the augmented one)."""
 
     def __init__(self, monkeypatch):
+        import mpp.feature_cache
         import mpp.features
         import mpp.linprobe
         self.calls = []
@@ -46,7 +47,7 @@ class Extractions:
             self.calls.append((loader.mode, epoch, out[0].clone()))
             return out
         monkeypatch.setattr(mpp.linprobe, "extract_features", recording)
-        monkeypatch.setattr(mpp.features, "extract_features", recording)
+        monkeypatch.setattr(mpp.feature_cache, "extract_features", recording)
 
 
 # ---- exactness ----

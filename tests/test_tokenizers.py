@@ -19,8 +19,8 @@ from safetensors import safe_open
 from conftest import SAMPLE_DATA, quick_config, read_metrics, run_train, small_model
 from test_objectives import TOKENIZER_SETTINGS, sample_images
 from mpp.export import main as export_main
-from mpp.features import build_encoder as probe_encoder, pooled_features
-from mpp.models import build_encoder, load_encoder, t2t_encoder
+from mpp.features import pooled_features
+from mpp.models import build_encoder, frozen_encoder, load_encoder, t2t_encoder
 from mpp.models.hybrid import hybrid_encoder, timm_hybrid
 from mpp.models.sparse import SparseBatchNorm2d, SparseGroupNormAct, Visibility, mask_aware
 from mpp.models.t2t import T2TLayer, T2TTokens
@@ -225,7 +225,7 @@ def test_probe_knn_and_export_take_its_checkpoint(pretrained, tmp_path):
     pool, blocks = "mean", 2
     with torch.no_grad():
         reference = pooled_features(encoder, x, pool, blocks)
-        probed, notes = probe_encoder(cfg.model, str(pretrained["run"]))  # what linprobe.py and knn.py load
+        probed, notes = frozen_encoder(cfg.model, str(pretrained["run"]))  # what linprobe.py and knn.py load
         torch.testing.assert_close(pooled_features(probed, x, pool, blocks), reference)
     out = tmp_path / "encoder.safetensors"
     stdout = io.StringIO()

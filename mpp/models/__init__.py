@@ -96,6 +96,23 @@ def rebuild_encoder(state: dict, config: dict | None, source: str, **timm_kwargs
     return encoder, cfg
 
 
+def frozen_encoder(model_cfg, ckpt) -> tuple[ViTEncoder | VTEncoder, list[str]]:
+    """(the encoder of `model_cfg` holding `ckpt`'s weights, frozen and in eval mode, what loading them noted), for
+    evaluation. ckpt None or "none": randomly initialised (seed it first) as pretraining initialises it
+    (model.objective's init, e.g. MAE's xavier), the baseline: pretraining's starting point in distribution, not
+    the same draw (pretraining builds its decoder before it initialises, which moves the generator)."""
+    from mpp.weights import is_random_init, load_weights
+    if ckpt is None or is_random_init(ckpt):
+        encoder = build_model(model_cfg).encoder
+        notes = [f"randomly initialised {model_cfg.encoder} encoder (ckpt=none, {model_cfg.objective}'s "
+                 f"initialisation): the baseline"]
+    else:
+        encoder = build_encoder(model_cfg)
+        notes = load_weights(encoder, str(ckpt))
+    encoder.requires_grad_(False)
+    return encoder.eval(), notes
+
+
 def build_model(model_cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MaskedImageModel:
     """The pretraining model of `model_cfg` (config.ModelConfig); mean/std: the data's normalisation (targets
     that need pixels in [0, 1] undo it)."""
@@ -201,6 +218,6 @@ def check_tokenizer_section(m, fail) -> None:
 
 __all__ = ["MAE", "MASK_KINDS", "Mask", "MaskedImageModel", "ModelOutput", "OBJECTIVES", "SimMIM",
            "T2T_SIZES", "TARGETS", "TOKENIZERS", "VIT_SIZES", "VT_SIZES", "VTEncoder", "ViTEncoder", "ViTMPP",
-           "build_encoder", "build_model", "check_model_config", "hybrid_encoder", "load_encoder", "make_mask",
-           "rebuild_encoder",
+           "build_encoder", "build_model", "check_model_config", "frozen_encoder", "hybrid_encoder", "load_encoder",
+           "make_mask", "rebuild_encoder",
            "ratio_at", "set_fused_attn", "t2t_encoder", "vit_encoder"]

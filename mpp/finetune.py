@@ -30,7 +30,7 @@ from mpp import engine
 from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, FinetuneRunConfig, to_dict
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import Periodic, Trainer, plan_schedule
+from mpp.engine import Periodic, Trainer, Training, plan_schedule
 from mpp.classes import manifest_classes
 from mpp.fileio import write_json
 from mpp.knn import topk_hits
@@ -201,7 +201,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             fixed = to_input(preview_images(loader.urls[0], cfg.model.img_size, cfg.log.attention_images))
             periodic.append(Periodic(cfg.log.attention_every, lambda step: distance_metrics(raw_model, fixed)
                                      if accelerator.is_main_process else None))
-        complete = trainer.fit(run, model, optimizer, scheduler, loader, plan, micro_batches(), loss_fn,
+        complete = trainer.fit(run, plan, Training(model, optimizer, scheduler, loader, micro_batches(), loss_fn),
                                summary=summary, periodic=periodic,
                                on_update=(lambda step: ema.update(raw_model, step=step)) if ema else None)
         if complete:

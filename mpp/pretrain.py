@@ -22,7 +22,7 @@ from mpp import engine
 from mpp.analysis.attention import distance_metrics
 from mpp.config import ConfigError, PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import Periodic, RunState, Schedule, Trainer, plan_schedule
+from mpp.engine import Periodic, RunState, Schedule, Trainer, Training, plan_schedule
 from mpp.knn import OnlineKnn
 from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_model, ratio_at, set_fused_attn
@@ -102,7 +102,7 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             knn_data = dataclasses.replace(cfg.knn.data, mean=cfg.data.mean, std=cfg.data.std)
             knn = OnlineKnn(dataclasses.replace(cfg.knn, data=knn_data), cfg.model, accelerator, cfg.seed)
             periodic.append(Periodic(cfg.knn.every, lambda step: knn.run(raw_model.encoder)))
-        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, scheduled_loss(cfg, run, plan),
+        trainer.fit(run, plan, Training(model, optimizer, scheduler, loader, batches, scheduled_loss(cfg, run, plan)),
                     periodic=periodic)
     return raw_model
 

@@ -44,12 +44,13 @@ from typing import Callable
 import torch
 from accelerate import Accelerator, PartialState
 
-from mpp.config import ConfigError, PretrainConfig, load_config
+from mpp.config import PretrainConfig
 from mpp.data import normalizer
 from mpp.engine import Schedule
 from mpp.flops import Utilisation, device_peak_flops, measured_matmul_peak, train_flops_per_image
 from mpp.lr_schedule import scaled_lr
 from mpp.pretrain import build_training, train_step
+from mpp.recipe import ConfigError, load_config
 from mpp.runtime import (PRECISION_DTYPES, dynamo_backend, effective_precision, fused_attn, resolve_precision,
                          resolve_settings, set_cpu_threads)
 

@@ -35,9 +35,9 @@ from timm.optim import create_optimizer_v2
 from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
                             first_line, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint,
                             tensor_bytes)
-from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
 from mpp.lr_schedule import scaled_lr
+from mpp.recipe import ConfigError, load_config, save_config, to_dict
 from mpp.runlog import METRICS_FILE, RunLog, drop_records_after
 from mpp.runtime import (CompileTrial, cpu_ddp, dynamo_backend, effective_precision, precision_note, resolve_settings,
                          set_cpu_threads)

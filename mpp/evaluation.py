@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from accelerate import Accelerator, PartialState
 
-from mpp.config import ConfigError
 from mpp.data import ShardLoader
+from mpp.recipe import ConfigError
 from mpp.runtime import cpu_ddp, resolve_settings, set_cpu_threads
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from mpp.config import to_dict
 from mpp.data import ShardLoader
 from mpp.features import extract_features
 from mpp.fileio import atomic_path
+from mpp.recipe import to_dict
 from mpp.runtime import effective_precision
 from mpp.weights import is_random_init, weights_file
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from accelerate.utils import gather_object
 
-from mpp.config import ConfigError
 from mpp.data import ShardLoader
 from mpp.data.loader import EpochPlan, split_batches
+from mpp.recipe import ConfigError
 
 
 def pooled_features(vit, x: torch.Tensor, pool: str, blocks: int) -> torch.Tensor:

@@ -28,14 +28,15 @@ from timm.utils import ModelEmaV3
 
 from mpp import engine
 from mpp.analysis.attention import distance_metrics
-from mpp.config import ConfigError, FinetuneRunConfig, to_dict
+from mpp.classes import manifest_classes
+from mpp.config import FinetuneRunConfig
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import Periodic, Trainer, Training, plan_schedule
-from mpp.classes import manifest_classes
 from mpp.fileio import write_json
 from mpp.knn import topk_hits
 from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_encoder, set_fused_attn
+from mpp.recipe import ConfigError, to_dict
 from mpp.runtime import fused_attn
 from mpp.weights import is_random_init, load_weights
 

@@ -25,13 +25,14 @@ from accelerate.utils import set_seed
 
 from mpp import engine
 from mpp.classes import class_count
-from mpp.config import ConfigError, EvalConfig, to_dict
+from mpp.config import EvalConfig
 from mpp.data import normalizer
 from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
 from mpp.feature_cache import eval_features
 from mpp.features import extract_features
 from mpp.fileio import write_json
 from mpp.models import frozen_encoder
+from mpp.recipe import ConfigError, to_dict
 
 SIMILARITY_BUDGET = 2**27  # similarity entries per chunk of queries (512 MB of float32)
 

@@ -35,7 +35,7 @@ from timm.optim import Lars, create_optimizer_v2
 
 from mpp import engine
 from mpp.classes import class_count
-from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
+from mpp.config import EvalConfig, ProbeConfig
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
 from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
@@ -45,6 +45,7 @@ from mpp.fileio import write_json
 from mpp.knn import knn_accuracy, topk_accuracy
 from mpp.lr_schedule import cosine_schedule, scaled_lr
 from mpp.models import frozen_encoder
+from mpp.recipe import ConfigError, to_dict
 from mpp.runlog import RunLog
 
 

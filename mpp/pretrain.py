@@ -20,12 +20,13 @@ import torch
 
 from mpp import engine
 from mpp.analysis.attention import distance_metrics
-from mpp.config import ConfigError, PretrainConfig
+from mpp.config import PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
 from mpp.engine import Periodic, RunState, Schedule, Trainer, Training, plan_schedule
 from mpp.knn import OnlineKnn
 from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_model, ratio_at, set_fused_attn
+from mpp.recipe import ConfigError
 from mpp.runtime import fused_attn
 from mpp.visualize import save_reconstruction
 

@@ -26,13 +26,14 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))
     from accelerate.utils import set_seed
 
-    from mpp.config import EvalConfig, OnlineKnnConfig, load_config
+    from mpp.config import EvalConfig, OnlineKnnConfig
     from mpp.data import normalizer
     from mpp.evaluation import eval_accelerator, eval_loader
     from mpp.features import extract_features
     from mpp.knn import OnlineKnn, run_knn
     from mpp.linprobe import run_probe
     from mpp.models import frozen_encoder
+    from mpp.recipe import load_config
 
     out, recipe, overrides = Path(argv[0]), argv[1], argv[2:]
     cfg = load_config(EvalConfig, recipe, overrides)

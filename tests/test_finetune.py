@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import REPO, SAMPLE_DATA, checkpoint_steps, quick_config, read_metrics, run_train, subprocess_env
 from mpp import finetune
 from mpp.analyze import main as analyze_main
-from mpp.config import ConfigError, FinetuneRunConfig, load_config
+from mpp.config import FinetuneRunConfig
+from mpp.recipe import ConfigError, load_config
 
 RECIPE = REPO / "recipes" / "finetune_quickstart.yaml"
 

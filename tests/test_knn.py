@@ -14,8 +14,9 @@ import yaml
 
 from conftest import REPO, subprocess_env
 from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
-from mpp.config import ConfigError, EvalConfig, KnnConfig, OnlineKnnConfig, from_dict
+from mpp.config import EvalConfig, KnnConfig, OnlineKnnConfig
 from mpp.knn import OnlineKnn, knn_predict, main, run_knn, topk_accuracy
+from mpp.recipe import ConfigError, from_dict
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

@@ -13,8 +13,9 @@ import yaml
 
 from conftest import REPO, quick_config, run_train, subprocess_env
 from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
-from mpp.config import EvalConfig, ProbeConfig, from_dict
+from mpp.config import EvalConfig, ProbeConfig
 from mpp.linprobe import build_head, build_optimizer, main, run_probe
+from mpp.recipe import from_dict
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

@@ -263,7 +263,8 @@ def test_fine_tuning_loads_its_checkpoint_and_trains_a_step(pretrained, tmp_path
 
 def test_exported_timm_stem_hybrid_loads_into_timm(tmp_path, caplog):
     """A hybrid on timm's stem and R50 s16 layers exports to timm's vit_*_r50_s16_224, loaded strictly."""
-    from mpp.config import PretrainConfig, load_config, save_config
+    from mpp.config import PretrainConfig
+    from mpp.recipe import load_config, save_config
     from conftest import QUICKSTART
     from safetensors.torch import save_file
     cfg = load_config(PretrainConfig, QUICKSTART, ["model.tokenizer=hybrid", "model.patch_size=16"])

@@ -11,7 +11,8 @@ tokenizer is one entry here.
 """
 from __future__ import annotations
 
-from mpp.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
+from mpp.config import IMAGENET_MEAN, IMAGENET_STD
+from mpp.recipe import ConfigError
 
 from .mae import MAE
 from .masking import MASK_KINDS, Mask, make_mask, num_masked, ratio_at
@@ -79,7 +80,8 @@ def load_encoder(path, **timm_kwargs) -> ViTEncoder | VTEncoder:
 def rebuild_encoder(state: dict, config: dict | None, source: str, **timm_kwargs):
     """(the encoder, its ModelConfig) that the run config `config` describes, holding `state` (any stage's keys);
     its classifier head, if `state` has one, too. ValueError if there is no model config or the weights do not fit."""
-    from mpp.config import ModelConfig, from_dict
+    from mpp.config import ModelConfig
+    from mpp.recipe import from_dict
     from mpp.weights import load_weights, vit_state
     model = (config or {}).get("model")
     if not isinstance(model, dict):

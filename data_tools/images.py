@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageOps
 
-from data_tools.jpeg import jpeg_size
+from mpp.jpeg import jpeg_size
 
 # PIL format -> the sample field (file extension) it is stored under. MPO is how PIL names a
 # camera JPEG that carries extra frames; its first frame is an ordinary JPEG.
@@ -111,7 +111,7 @@ def check_complete(image, data):
 
 def checked_copy(data):
     """--no-reencode: the original bytes, once the header and the end of the file are checked. A JPEG's
-    size comes from its frame header (data_tools.jpeg): PIL's Image.open took a quarter of the time
+    size comes from its frame header (mpp/jpeg.py): PIL's Image.open took a quarter of the time
     of copying imagewoof320, against a target of twice `tar -cf`'s time; other formats go to PIL."""
     size = jpeg_size(data)
     if size is None:

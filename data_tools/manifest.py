@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from data_tools import __version__
-from data_tools.writer import write_json_atomically
+from mpp.fileio import atomic_write, write_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mpp-shards/1"
@@ -35,7 +35,7 @@ def write_manifest(out_dir, manifest):
         "num_shards": sum(len(split["shards"]) for split in splits),
         "num_rejected": sum(split.get("num_rejected", 0) for split in splits),
     }
-    write_json_atomically(Path(out_dir) / MANIFEST_NAME, manifest)
+    write_json(Path(out_dir) / MANIFEST_NAME, manifest)
 
 
 def read_rejected(out_dir):
@@ -49,9 +49,7 @@ def write_rejected(out_dir, entries):
     """One JSON object a line: split, shard, key, source, reason, detail. Empty when nothing was rejected
     (always written, so that its absence never has to be read as "nothing rejected")."""
     path = Path(out_dir) / REJECTED_NAME
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
-    temp.replace(path)
+    atomic_write(path, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
 
 
 def wids_index_path(out_dir, split):
@@ -66,7 +64,7 @@ def write_wids_index(out_dir, split, shards):
     if any(shard["name"].endswith(".gz") for shard in shards):
         path.unlink(missing_ok=True)
         return
-    write_json_atomically(path, {
+    write_json(path, {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": split,

@@ -26,7 +26,8 @@ from data_tools.images import OUTPUT_FORMATS, Encoding, pixel_limit
 from data_tools.parallel import available_cpus, run_tasks
 from data_tools.plan import keyed, plan_shards, probe_size_ratio, sample_bytes, select, split, tar_bytes
 from data_tools.sources import SourceError, open_source
-from data_tools.writer import ShardJob, write_json_atomically, write_shard
+from data_tools.writer import ShardJob, write_shard
+from mpp.fileio import write_json
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own decompression-bomb limit, ~89 megapixels
 STATE_FILE = "run.json"
@@ -117,7 +118,7 @@ def shard(src, out_dir, options=ShardOptions(), workers=1, overwrite=False, prog
                 if (out_dir / name).is_file() and (out_dir / name).stat().st_size == record["bytes"]}
     remove_stale_files(out_dir, options.split_names, keep=finished)
     state_dir.mkdir(exist_ok=True)
-    write_json_atomically(state_dir / STATE_FILE, identity)
+    write_json(state_dir / STATE_FILE, identity)
 
     todo = [shard_plan for shard_plan in plans if shard_plan.name not in finished]
     written = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from data_tools.images import Encoding, Rejected, pixel_limit, prepare
 from data_tools.tarwriter import ShardTarWriter
+from mpp.fileio import write_json
 
 # Every tar header field is pinned (mtime above all), so the same samples give the same bytes.
 TAR_HEADER = {"user": "mpp", "group": "mpp", "mode": 0o444, "mtime": 0}
@@ -30,12 +31,6 @@ class ShardJob:
 
 def temp_path(path):
     return path.with_name(path.name + ".tmp")
-
-
-def write_json_atomically(path, content):
-    temp = temp_path(path)
-    temp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temp, path)
 
 
 class HashingFile:
@@ -106,7 +101,7 @@ def write_shard(job, plan, report=lambda count: None):
         "sha256": hashing.sha256.hexdigest(),
         "rejected": rejected,
     }
-    write_json_atomically(job.state_dir / f"{plan.name}.json", record)
+    write_json(job.state_dir / f"{plan.name}.json", record)
     return record
 
 

@@ -30,11 +30,12 @@ import torch
 
 from mpp.analysis.draw import side_by_side, text_panel
 from mpp.analysis.figures import ANALYSES, Options, Subject
-from mpp.config import ConfigError, IMAGENET_MEAN, IMAGENET_STD, ModelConfig, apply_overrides, from_dict, read_recipe, to_dict
+from mpp.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from mpp.data import ShardLoader
-from mpp.features import is_random_init, write_json
+from mpp.fileio import write_json
 from mpp.models import build_model
-from mpp.weights import decoder_state, load_into_vit, read_weights
+from mpp.recipe import ConfigError, apply_overrides, from_dict, read_recipe, to_dict
+from mpp.weights import decoder_state, is_random_init, load_into_vit, read_weights
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data" / "cifar10"
 JSON_DIGITS = 5

@@ -44,10 +44,13 @@ from typing import Callable
 import torch
 from accelerate import Accelerator, PartialState
 
-from mpp.config import ConfigError, PretrainConfig, load_config
+from mpp.config import PretrainConfig
 from mpp.data import normalizer
+from mpp.engine import Schedule
 from mpp.flops import Utilisation, device_peak_flops, measured_matmul_peak, train_flops_per_image
-from mpp.pretrain import Schedule, build_training, train_step
+from mpp.lr_schedule import scaled_lr
+from mpp.pretrain import build_training, train_step
+from mpp.recipe import ConfigError, load_config
 from mpp.runtime import (PRECISION_DTYPES, dynamo_backend, effective_precision, fused_attn, resolve_precision,
                          resolve_settings, set_cpu_threads)
 
@@ -99,7 +102,7 @@ def bench_train(cfg: PretrainConfig, steps: int, warmup: int, rounds: int = 3, b
     device, batch = accelerator.device, cfg.train.micro_batch_size
     set_cpu_threads(cfg, device)
     plan = Schedule(grad_accum=1, steps_per_epoch=1, total_steps=10 ** 9, warmup_steps=1,
-                    lr=cfg.optim.base_lr * batch / 256)
+                    lr=scaled_lr(cfg.optim.base_lr, batch))
     torch.manual_seed(cfg.seed)
     model, optimizer, scheduler = build_training(cfg, plan, device)
     scheduler.step_update(plan.warmup_steps)  # the peak lr, which the plain loop runs at too

@@ -10,13 +10,14 @@ of one; everything that decides *when* things happen lives here, once.
         ... build and prepare the model and optimizer ...
         run = trainer.restore(model, optimizer, scheduler, plan, loader)  # loads a checkpoint if resuming;
                                                # writes output_dir/config.yaml
-        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, loss_fn, periodic=[...])
+        trainer.fit(run, plan, Training(model, optimizer, scheduler, loader, batches, loss_fn), periodic=[...])
 
 `cfg` is any run config with output_dir, seed, resume, model, train, optim, log and checkpoint
 sections (PretrainConfig, FinetuneRunConfig).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -30,16 +31,16 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
                             first_line, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint,
                             tensor_bytes)
-from mpp.config import ConfigError, load_config, save_config, to_dict
 from mpp.flops import Utilisation, device_peak_flops, train_flops_per_image
+from mpp.lr_schedule import scaled_lr
+from mpp.recipe import ConfigError, load_config, save_config, to_dict
 from mpp.runlog import METRICS_FILE, RunLog, check_trackers_installed, drop_records_after
-from mpp.runtime import (CompileTrial, check_no_fsdp_on_cpu, cpu_ddp, dynamo_backend,  # noqa: F401
-                         effective_precision, fused_attn, precision_note, resolve_settings, set_cpu_threads)
+from mpp.runtime import (CompileTrial, check_no_fsdp_on_cpu, cpu_ddp, dynamo_backend, effective_precision,
+                         precision_note, resolve_settings, set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -120,14 +121,7 @@ def plan_schedule(cfg, num_processes: int, num_samples: int) -> Schedule:
     total = t.steps if t.steps is not None else max(1, round(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
     return Schedule(grad_accum=t.batch_size // per_step, steps_per_epoch=steps_per_epoch, total_steps=total,
-                    warmup_steps=min(warmup, total - 1), lr=cfg.optim.base_lr * t.batch_size / 256)
-
-
-def cosine_schedule(optimizer, plan: Schedule, min_lr: float) -> CosineLRScheduler:
-    """Linear warm-up from 0, then cosine to min_lr, stepped every optimizer step. timm's scheduler
-    multiplies each parameter group's `lr_scale` in (layer-wise lr decay)."""
-    return CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps, warmup_t=plan.warmup_steps,
-                             warmup_prefix=True, warmup_lr_init=0.0, lr_min=min_lr, t_in_epochs=False)
+                    warmup_steps=min(warmup, total - 1), lr=scaled_lr(cfg.optim.base_lr, t.batch_size))
 
 
 # Devices with torch's fused AdamW kernel: one pass over all tensors instead of ~10 ops per tensor.
@@ -173,6 +167,19 @@ class Periodic:
 
     def due(self, step: int, last: bool) -> bool:
         return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
+
+
+@dataclasses.dataclass
+class Training:
+    """What a stage hands Trainer.fit: the model, its optimizer and lr schedule, the loader (for its count of
+    skipped samples), the stream of micro-batches and `loss_fn(model, micro_batch)` -> the loss, or (the loss,
+    {name: term}) for a loss made of terms worth logging one by one."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm's CosineLRScheduler (mpp.lr_schedule), stepped with step_update(step)
+    loader: object  # mpp.data.ShardLoader
+    batches: Iterator
+    loss_fn: Callable
 
 
 def step_batches(batches: Iterator, count: int, stop_requested: list, stop_signal: torch.Tensor) -> Iterator:
@@ -354,123 +361,146 @@ class Trainer:
                         state={"run": run.state_dict(), "loader": loader.state_dict()}, modules=modules,
                         needed_bytes=needed)
 
-    def fit(self, run: RunState, model, optimizer, scheduler, loader, plan: Schedule, batches: Iterator,
-            loss_fn: Callable, *, summary: str = "", periodic: list[Periodic] = (),
-            on_update: Callable[[int], None] | None = None) -> bool:
-        """The step loop, from run.step to plan.total_steps. Every step: the lr, `loss_fn(model, next(batches))`
-        and its backward for each micro-batch, one update (skipped when the loss is not finite anywhere), then
-        `on_update(step)` after an applied update (EMA). Metrics every log.every steps; `periodic` work when
-        due; a checkpoint every checkpoint.every steps, at the end and on a stop signal, never during a
-        non-finite streak. SIGTERM/SIGINT finish the step, checkpoint and return. With train.compile=auto (a CPU
-        run), the first steps are a CompileTrial that decides whether to go on compiled. Returns whether the run
-        is complete."""
-        cfg, accelerator = self.cfg, self.accelerator
-        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
-        flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans,
-                                                accelerator.device)
-        precision = effective_precision(accelerator)
-        mfu = Utilisation(lambda: device_peak_flops(accelerator.device, precision, cfg.log.peak_tflops),
-                          remeasure=accelerator.device.type == "cpu" and not cfg.log.peak_tflops)
-
-        stop_signal = torch.zeros((), device=accelerator.device)  # this process's request, reduced every step
-        stop_requested = []
-
-        def request_stop(signum, _frame):  # finish the step, checkpoint, exit: pre-emption loses nothing
-            # Only a Python flag: a handler runs wherever the main thread is, also inside torch.compile's tracing,
-            # where a tensor operation would be traced or refused (fake tensors); the loop turns it into stop_signal.
-            stop_requested.append(signum)
-        previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        start_step = run.step
-        if accelerator.is_main_process:  # the steps after start_step are done again: a reader sees each once
-            drop_records_after(self.output_dir / METRICS_FILE, start_step)
-        self.log = log = RunLog(accelerator, self.output_dir, plan.total_steps, start_step)
-        log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per epoch), "
-                  f"{plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
-                  f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, {flops_per_image / 1e9:.3g} GFLOP/image"
-                  + (f"; {summary}" if summary else ""))
-        if run.rng_states is not None:
-            # A resumed run's RNG is set here, after the FLOP count and the peak measurement above have drawn
-            # from it as they do in every run: its steps then draw what the uninterrupted run's did.
-            apply_rng_states(run.rng_states)
-        trial = None
-        if cfg.train.compile == "auto":  # a CPU run: compiled if a trial on its first steps shows a gain
-            trial = CompileTrial(model, plan.total_steps - run.step, lambda values: accelerator.reduce(
-                torch.tensor(values, dtype=torch.float64, device=accelerator.device), "mean").tolist())
-            if trial.decision is not None:
-                trial = self._compile_decided(trial.decision)
-        mfu_left_out = False
-        try:
-            bad_in_row, window = 0, Window(start_step)
+    def fit(self, run: RunState, plan: Schedule, training: Training, *, summary: str = "",
+            periodic: list[Periodic] = (), on_update: Callable[[int], None] | None = None) -> bool:
+        """The step loop, from run.step to plan.total_steps. Every step: the lr, `training.loss_fn` and its backward
+        for each micro-batch, one update (skipped when the loss is not finite anywhere), then `on_update(step)`
+        after an applied update (EMA). Metrics every log.every steps; `periodic` work when due; a checkpoint every
+        checkpoint.every steps, at the end and on a stop signal, never during a non-finite streak. SIGTERM/SIGINT
+        finish the step, checkpoint and return. With train.compile=auto (a CPU run), the first steps are a
+        CompileTrial that decides whether to go on compiled. Returns whether the run is complete."""
+        cfg, model = self.cfg, training.model
+        stop_signal = torch.zeros((), device=self.accelerator.device)  # this process's request, reduced every step
+        with self._stop_on_signals() as stop_requested:
+            trial = self._begin(run, plan, model, summary)
+            bad_in_row, window = 0, Window(run.step)
             model.train()
             while run.step < plan.total_steps:
-                scheduler.step_update(run.step)
-                micro_batches = step_batches(batches, plan.grad_accum, stop_requested, stop_signal)
+                training.scheduler.step_update(run.step)
+                micro_batches = step_batches(training.batches, plan.grad_accum, stop_requested, stop_signal)
                 began = time.perf_counter()
-                loss_value, stop, grad_norm, terms = train_step(accelerator, trial.model() if trial else model,
-                                                                optimizer, micro_batches, cfg.train.grad_clip,
-                                                                stop_signal, loss_fn)
+                loss, stop, grad_norm, terms = train_step(self.accelerator, trial.model() if trial else model,
+                                                          training.optimizer, micro_batches, cfg.train.grad_clip,
+                                                          stop_signal, training.loss_fn)
                 if trial is not None and trial.record(time.perf_counter() - began):  # the step ended synchronised
                     model, trial = trial.model(), self._compile_decided(trial.decision)
-                if math.isfinite(loss_value):
-                    bad_in_row = 0
-                else:
-                    bad_in_row, run.bad_steps = bad_in_row + 1, run.bad_steps + 1
                 run.step += 1
-                if bad_in_row >= cfg.train.max_bad_steps:
-                    raise NonFiniteLoss(
-                        f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped "
-                        f"without saving, so the newest checkpoint in {self.output_dir} is the last good one. Lower "
-                        f"optim.base_lr, set train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, "
-                        f"then resume=auto.")
+                bad_in_row = self._non_finite_streak(run, loss, bad_in_row)
                 if bad_in_row == 0 and on_update is not None:
                     on_update(run.step)
 
-                lr = max(g["lr"] for g in optimizer.param_groups)  # layer decay scales the others down
-                log.update(loss=loss_value, lr=lr)
-                window.add(loss_value, terms)
+                lr = max(g["lr"] for g in training.optimizer.param_groups)  # layer decay scales the others down
+                self.log.update(loss=loss, lr=lr)
+                window.add(loss, terms)
                 last = run.step == plan.total_steps
                 if run.step % cfg.log.every == 0 or last:
-                    # Corrupt samples the loader skipped (and replaced), summed over processes.
-                    skipped = accelerator.reduce(torch.tensor(float(loader.totals["bad"] - run.reported_bad),
-                                                              device=accelerator.device), "sum").item()
-                    run.reported_bad, run.bad_samples = loader.totals["bad"], run.bad_samples + int(skipped)
-                    images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
-                    metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
-                               "img_per_s": images_per_s, "bad_steps": run.bad_steps,
-                               "bad_samples": run.bad_samples, **window.mean_terms()}
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = grad_norm
-                    utilisation = mfu(images_per_s * flops_per_image / accelerator.num_processes)
-                    if utilisation is not None:
-                        metrics["mfu"] = utilisation
-                    elif mfu.peak and not mfu_left_out:
-                        mfu_left_out = True
-                        log.print(f"note: mfu left out of the metrics: the step's FLOP/s exceed the device peak "
-                                  f"({mfu.peak / 1e12:.3g} TFLOP/s, measured twice), which cannot be; set "
-                                  f"log.peak_tflops to the device's true peak")
-                    log.record(run.step, metrics)
+                    self._record_metrics(run, plan, window, lr, grad_norm, training.loader)
                     window = Window(run.step)
-                # Periodic work (evaluation, images); its time is kept out of img/s, a training figure.
-                due = [p for p in periodic if p.due(run.step, last)]
-                if due:
-                    began = time.perf_counter()
-                    for work in due:
-                        extra = work.fn(run.step)
-                        if extra:
-                            log.record(run.step, extra)
-                    model.train()
-                    window.start += time.perf_counter() - began
+                self._periodic_work([p for p in periodic if p.due(run.step, last)], run.step, model, window)
                 # Weights that gave a non-finite loss must not push good checkpoints out.
                 if bad_in_row == 0 and (run.step % cfg.checkpoint.every == 0 or last or stop):
                     self.save(run.step)
                 if stop:
-                    log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
+                    self.log.print(f"stopped by signal at step {run.step}; continue with resume=auto")
                     break
+        return run.step >= plan.total_steps
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM and SIGINT, while the loop runs, only ask it to stop (the list it yields gets the signal): the
+        step finishes and is checkpointed, so pre-emption loses nothing. The previous handlers come back after."""
+        stop_requested = []
+
+        def request_stop(signum, _frame):
+            # Only a Python flag: a handler runs wherever the main thread is, also inside torch.compile's tracing,
+            # where a tensor operation would be traced or refused (fake tensors); step_batches turns it into the
+            # stop tensor the step reduces.
+            stop_requested.append(signum)
+        previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield stop_requested
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-        return run.step >= plan.total_steps
+
+    def _begin(self, run: RunState, plan: Schedule, model, summary: str) -> CompileTrial | None:
+        """Before the first step: the FLOP count and the peak for MFU, the metrics file cut back to run.step, the
+        log and its opening line, a resumed run's RNG states, and the CompileTrial of train.compile=auto."""
+        cfg, accelerator = self.cfg, self.accelerator
+        raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # not compiled: one-off calls
+        self._flops_per_image = train_flops_per_image(raw_model, cfg.model.img_size, cfg.model.in_chans,
+                                                      accelerator.device)
+        precision = effective_precision(accelerator)
+        self._mfu = Utilisation(lambda: device_peak_flops(accelerator.device, precision, cfg.log.peak_tflops),
+                                remeasure=accelerator.device.type == "cpu" and not cfg.log.peak_tflops)
+        self._mfu_left_out = False
+        if accelerator.is_main_process:  # the steps after run.step are done again: a reader sees each once
+            drop_records_after(self.output_dir / METRICS_FILE, run.step)
+        self.log = RunLog(accelerator, self.output_dir, plan.total_steps, run.step)
+        self.log.print(f"{plan.total_steps} steps of {cfg.train.batch_size} images ({plan.steps_per_epoch} per "
+                       f"epoch), {plan.grad_accum} micro-batch(es) of {cfg.train.micro_batch_size} per step on "
+                       f"{accelerator.num_processes} process(es), lr {plan.lr:.3g}, "
+                       f"{self._flops_per_image / 1e9:.3g} GFLOP/image" + (f"; {summary}" if summary else ""))
+        if run.rng_states is not None:
+            # A resumed run's RNG is set here, after the FLOP count and the peak measurement above have drawn
+            # from it as they do in every run: its steps then draw what the uninterrupted run's did.
+            apply_rng_states(run.rng_states)
+        if cfg.train.compile != "auto":
+            return None
+        # A CPU run: compiled if a trial on its first steps shows a gain.
+        trial = CompileTrial(model, plan.total_steps - run.step, lambda values: accelerator.reduce(
+            torch.tensor(values, dtype=torch.float64, device=accelerator.device), "mean").tolist())
+        return trial if trial.decision is None else self._compile_decided(trial.decision)
+
+    def _non_finite_streak(self, run: RunState, loss: float, bad_in_row: int) -> int:
+        """Non-finite steps in a row, up to this one; run.bad_steps counts them all. Too many in a row stop the run."""
+        if math.isfinite(loss):
+            return 0
+        bad_in_row, run.bad_steps = bad_in_row + 1, run.bad_steps + 1
+        if bad_in_row >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLoss(
+                f"the loss was not finite for {bad_in_row} steps in a row (up to step {run.step}); stopped "
+                f"without saving, so the newest checkpoint in {self.output_dir} is the last good one. Lower "
+                f"optim.base_lr, set train.grad_clip, or use train.mixed_precision=bf16 instead of fp16, "
+                f"then resume=auto.")
+        return bad_in_row
+
+    def _record_metrics(self, run: RunState, plan: Schedule, window: Window, lr: float, grad_norm: float | None,
+                        loader) -> None:
+        """One metrics record for the window (collective: the skipped-sample count is summed over processes)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        # Corrupt samples the loader skipped (and replaced), summed over processes.
+        skipped = accelerator.reduce(torch.tensor(float(loader.totals["bad"] - run.reported_bad),
+                                                  device=accelerator.device), "sum").item()
+        run.reported_bad, run.bad_samples = loader.totals["bad"], run.bad_samples + int(skipped)
+        images_per_s = cfg.train.batch_size * window.steps(run.step) / window.seconds()
+        metrics = {"epoch": run.step / plan.steps_per_epoch, "loss": window.mean_loss(), "lr": lr,
+                   "img_per_s": images_per_s, "bad_steps": run.bad_steps,
+                   "bad_samples": run.bad_samples, **window.mean_terms()}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        utilisation = self._mfu(images_per_s * self._flops_per_image / accelerator.num_processes)
+        if utilisation is not None:
+            metrics["mfu"] = utilisation
+        elif self._mfu.peak and not self._mfu_left_out:
+            self._mfu_left_out = True
+            self.log.print(f"note: mfu left out of the metrics: the step's FLOP/s exceed the device peak "
+                           f"({self._mfu.peak / 1e12:.3g} TFLOP/s, measured twice), which cannot be; set "
+                           f"log.peak_tflops to the device's true peak")
+        self.log.record(run.step, metrics)
+
+    def _periodic_work(self, due: list[Periodic], step: int, model, window: Window) -> None:
+        """The work due at `step` (evaluation, images), its metrics recorded; its time is kept out of the window's
+        img/s, a training figure."""
+        if not due:
+            return
+        began = time.perf_counter()
+        for work in due:
+            extra = work.fn(step)
+            if extra:
+                self.log.record(step, extra)
+        model.train()
+        window.start += time.perf_counter() - began
 
     def _compile_decided(self, decision) -> None:
         """A CompileTrial's decision: into the config (saved again), and said."""

@@ -14,12 +14,10 @@ checkpoints (resume=auto continues a run), and finetune.json with the final numb
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # as in mpp/pretrain.py
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
-import json
 
 import torch
 from accelerate.utils import set_seed
@@ -30,13 +28,17 @@ from timm.utils import ModelEmaV3
 
 from mpp import engine
 from mpp.analysis.attention import distance_metrics
-from mpp.config import ConfigError, FinetuneRunConfig, to_dict
+from mpp.classes import manifest_classes
+from mpp.config import FinetuneRunConfig
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import Periodic, Trainer, cosine_schedule, fused_attn, plan_schedule
-from mpp.features import is_random_init, manifest_classes
+from mpp.engine import Periodic, Trainer, Training, plan_schedule
+from mpp.fileio import write_json
 from mpp.knn import topk_hits
+from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_encoder, set_fused_attn
-from mpp.weights import load_weights
+from mpp.recipe import ConfigError, to_dict
+from mpp.runtime import fused_attn
+from mpp.weights import is_random_init, load_weights
 
 NO_DATA = """data.train is not set: point it at labelled WebDataset shards (a `cls` label per sample).
   python -m data_tools.shard /path/to/class_folders /path/to/shards, then
@@ -157,7 +159,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             accelerator.print(f"note: {note}")
 
         optimizer = build_optimizer(cfg, model, plan.lr, accelerator.device)
-        scheduler = cosine_schedule(optimizer, plan, cfg.optim.min_lr)
+        scheduler = cosine_schedule(optimizer, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr)
         model.to(accelerator.device)
         ema = ModelEmaV3(model, decay=f.ema_decay) if f.ema else None
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -201,7 +203,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             fixed = to_input(preview_images(loader.urls[0], cfg.model.img_size, cfg.log.attention_images))
             periodic.append(Periodic(cfg.log.attention_every, lambda step: distance_metrics(raw_model, fixed)
                                      if accelerator.is_main_process else None))
-        complete = trainer.fit(run, model, optimizer, scheduler, loader, plan, micro_batches(), loss_fn,
+        complete = trainer.fit(run, plan, Training(model, optimizer, scheduler, loader, micro_batches(), loss_fn),
                                summary=summary, periodic=periodic,
                                on_update=(lambda step: ema.update(raw_model, step=step)) if ema else None)
         if complete:
@@ -213,7 +215,7 @@ def train(cfg: FinetuneRunConfig, recipe: str = "RECIPE") -> torch.nn.Module:
                           "config": to_dict(cfg)}
                 if ema is not None:
                     report["ema"] = results["ema"]
-                (trainer.output_dir / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+                write_json(trainer.output_dir / "finetune.json", report)
     return raw_model
 
 

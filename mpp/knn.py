@@ -12,24 +12,27 @@ resolved config. `OnlineKnn` runs the same inside pretraining every `knn.every` 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`python mpp/knn.py`): import the package from the repo root,
-    # and keep mpp/ itself off the path so its modules cannot shadow top-level ones.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from mpp import engine
-from mpp.config import ConfigError, EvalConfig, to_dict
+from mpp.classes import class_count
+from mpp.config import EvalConfig
 from mpp.data import normalizer
-from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data, write_json)
+from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
+from mpp.feature_cache import eval_features
+from mpp.features import extract_features
+from mpp.fileio import write_json
+from mpp.models import frozen_encoder
+from mpp.recipe import ConfigError, to_dict
 
 SIMILARITY_BUDGET = 2**27  # similarity entries per chunk of queries (512 MB of float32)
 
@@ -124,7 +127,7 @@ def run_knn(cfg: EvalConfig, recipe: str = "RECIPE") -> dict:
     start = time.perf_counter()
     notes = [n for n in [engine.precision_note(accelerator, cfg.mixed_precision, "mixed_precision")] if n]
     set_seed(cfg.seed)  # the same random-init encoder on every process
-    vit, load_notes = build_encoder(cfg.model, cfg.ckpt)
+    vit, load_notes = frozen_encoder(cfg.model, cfg.ckpt)
     notes += load_notes
     vit.to(accelerator.device)
     to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)

@@ -20,29 +20,32 @@ the features of fresh random-resized crops of every train sample.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`accelerate launch mpp/linprobe.py`): import the package from the repo root,
-    # and keep mpp/ itself off the path so its modules cannot shadow top-level ones.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from timm.optim import Lars, create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 from mpp import engine
-from mpp.config import ConfigError, EvalConfig, ProbeConfig, to_dict
+from mpp.classes import class_count
+from mpp.config import EvalConfig, ProbeConfig
 from mpp.data import normalizer
 from mpp.data.loader import derive_seed
-from mpp.features import (build_encoder, class_count, eval_accelerator, eval_features, eval_loader, extract_features,
-                          require_ckpt, require_data, write_json)
+from mpp.evaluation import eval_accelerator, eval_loader, require_ckpt, require_data
+from mpp.feature_cache import eval_features
+from mpp.features import extract_features
+from mpp.fileio import write_json
 from mpp.knn import knn_accuracy, topk_accuracy
+from mpp.lr_schedule import cosine_schedule, scaled_lr
+from mpp.models import frozen_encoder
+from mpp.recipe import ConfigError, to_dict
 from mpp.runlog import RunLog
 
 
@@ -139,7 +142,7 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same random-init encoder on every process
-    vit, load_notes = build_encoder(cfg.model, cfg.ckpt)
+    vit, load_notes = frozen_encoder(cfg.model, cfg.ckpt)
     notes += load_notes
     vit.to(device)
     to_input = normalizer(cfg.data.mean, cfg.data.std, device)
@@ -172,12 +175,11 @@ def run_probe(cfg: EvalConfig, recipe: str = "RECIPE", *, live: bool = False) ->
     batch, epochs, sizing = probe_size(n, probe)
     notes += sizing
     steps = n // batch  # the incomplete last batch of an epoch is dropped (a new permutation every epoch)
-    total, lr = epochs * steps, probe.base_lr * batch / 256
+    total, lr = epochs * steps, scaled_lr(probe.base_lr, batch)
     warmup = min(round(probe.warmup_epochs * steps), total - 1)
     head = build_head(train_f.shape[1], num_classes, cfg.seed).to(device)
     optimizer = build_optimizer(head, probe, lr)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), warmup_t=warmup, warmup_prefix=True,
-                                  warmup_lr_init=0.0, lr_min=probe.min_lr, t_in_epochs=False)
+    scheduler = cosine_schedule(optimizer, total, warmup, probe.min_lr)
     log = RunLog(accelerator, output_dir, epochs, 0)
     log.print(f"linear probe of {cfg.ckpt}: {n} train / {len(val_y)} val samples, {train_f.shape[1]} features, "
               f"{num_classes} classes; {epochs} epochs of {steps} steps of {batch}, "

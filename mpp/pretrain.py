@@ -9,12 +9,9 @@ model, wraps it for DDP/FSDP, runs mixed precision and accumulates gradients.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`accelerate launch mpp/pretrain.py`): import the package from the repo root,
-    # and keep mpp/ itself off the path so its modules cannot shadow top-level ones.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # run as a file: import mpp from the repository root
+    import _repo_root  # noqa: F401 - mpp/_repo_root.py
 
 import dataclasses
 import functools
@@ -23,12 +20,14 @@ import torch
 
 from mpp import engine
 from mpp.analysis.attention import distance_metrics
-from mpp.config import ConfigError, PretrainConfig
+from mpp.config import PretrainConfig
 from mpp.data import ShardLoader, normalizer, preview_images
-from mpp.engine import (NonFiniteLoss, Periodic, RunState, Schedule, Trainer, Window, check_resumable,  # noqa: F401
-                        cosine_schedule, effective_precision, fused_attn, plan_schedule, set_cpu_threads)
+from mpp.engine import Periodic, RunState, Schedule, Trainer, Training, plan_schedule
 from mpp.knn import OnlineKnn
+from mpp.lr_schedule import cosine_schedule
 from mpp.models import build_model, ratio_at, set_fused_attn
+from mpp.recipe import ConfigError
+from mpp.runtime import fused_attn
 from mpp.visualize import save_reconstruction
 
 NO_DATA = """data.train is not set: point it at WebDataset shards.
@@ -63,7 +62,7 @@ def build_training(cfg: PretrainConfig, plan: Schedule, device: torch.device):
     set_fused_attn(model, fused_attn(cfg, device))
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     optimizer = engine.adamw(model, plan.lr, cfg.optim, device)
-    return model, optimizer, cosine_schedule(optimizer, plan, cfg.optim.min_lr)
+    return model, optimizer, cosine_schedule(optimizer, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr)
 
 
 def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
@@ -105,7 +104,7 @@ def train(cfg: PretrainConfig, recipe: str = "RECIPE") -> torch.nn.Module:
             knn_data = dataclasses.replace(cfg.knn.data, mean=cfg.data.mean, std=cfg.data.std)
             knn = OnlineKnn(dataclasses.replace(cfg.knn, data=knn_data), cfg.model, accelerator, cfg.seed)
             periodic.append(Periodic(cfg.knn.every, lambda step: knn.run(raw_model.encoder)))
-        trainer.fit(run, model, optimizer, scheduler, loader, plan, batches, scheduled_loss(cfg, run, plan),
+        trainer.fit(run, plan, Training(model, optimizer, scheduler, loader, batches, scheduled_loss(cfg, run, plan)),
                     periodic=periodic)
     return raw_model
 

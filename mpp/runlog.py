@@ -3,12 +3,13 @@ default; wandb, mlflow, ... for those who install them)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mpp.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,9 +51,7 @@ def drop_records_after(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(kept))
 
 
 class RunLog:

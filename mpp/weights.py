@@ -31,6 +31,11 @@ NORMS = ("norm", "fc_norm")
 DECODER_PREFIX = "decoder."  # export --with-decoder: the pretraining head's keys under this prefix, beside timm's
 
 
+def is_random_init(ckpt) -> bool:
+    """Whether `ckpt` is "none": a randomly initialised encoder, the baseline, rather than a weights file."""
+    return ckpt is not None and str(ckpt).lower() == "none"
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict as saved, the run's config as a dict if known) from any stage's output."""
     path = Path(path)

@@ -42,7 +42,8 @@ def small_overrides(output_dir, *extra: str) -> list[str]:
 
 
 def quick_config(output_dir, *extra: str):
-    from mpp.config import PretrainConfig, load_config
+    from mpp.config import PretrainConfig
+    from mpp.recipe import load_config
     return load_config(PretrainConfig, QUICKSTART, small_overrides(output_dir, *extra))
 
 
@@ -150,7 +151,8 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log_p
 def model_config(*overrides: str):
     """recipes/quickstart.yaml's model section (ViT-Tiny/4 at 32 px) with a 1-block decoder of width 64 and
     `key=value` overrides given without the `model.` prefix."""
-    from mpp.config import PretrainConfig, load_config
+    from mpp.config import PretrainConfig
+    from mpp.recipe import load_config
     small = ["decoder.dim=64", "decoder.depth=1", "decoder.heads=4"]
     return load_config(PretrainConfig, QUICKSTART, [f"model.{o}" for o in (*small, *overrides)]).model
 

@@ -26,11 +26,14 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))
     from accelerate.utils import set_seed
 
-    from mpp.config import EvalConfig, OnlineKnnConfig, load_config
+    from mpp.config import EvalConfig, OnlineKnnConfig
     from mpp.data import normalizer
-    from mpp.features import build_encoder, eval_accelerator, eval_loader, extract_features
+    from mpp.evaluation import eval_accelerator, eval_loader
+    from mpp.features import extract_features
     from mpp.knn import OnlineKnn, run_knn
     from mpp.linprobe import run_probe
+    from mpp.models import frozen_encoder
+    from mpp.recipe import load_config
 
     out, recipe, overrides = Path(argv[0]), argv[1], argv[2:]
     cfg = load_config(EvalConfig, recipe, overrides)
@@ -38,7 +41,7 @@ def main(argv: list[str]) -> int:
     record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes}
 
     set_seed(cfg.seed)  # ckpt=none: the same random encoder in every process and run
-    vit, _ = build_encoder(cfg.model, cfg.ckpt)
+    vit, _ = frozen_encoder(cfg.model, cfg.ckpt)
     loader = eval_loader(cfg.data, "val", cfg.model.img_size, accelerator)
     to_input = normalizer(cfg.data.mean, cfg.data.std, accelerator.device)
     record["features"], record["labels"], record["keys"] = extract_features(

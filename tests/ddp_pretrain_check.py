@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> int:
     out, overrides = Path(argv[0]), argv[1:]
 
-    from mpp.config import PretrainConfig, load_config
+    from mpp.config import PretrainConfig
     from mpp.models import MaskedImageModel
     from mpp.pretrain import train
+    from mpp.recipe import load_config
 
     env_rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE, QUICKSTART, RECIPES, REPO, pretrain_command, quick_config, run_train, subprocess_env
-from mpp.config import (ConfigError, EvalConfig, FinetuneRunConfig, PretrainConfig, load_config, save_config,
-                        to_dict)
+from mpp.config import EvalConfig, FinetuneRunConfig, PretrainConfig
+from mpp.recipe import ConfigError, load_config, save_config, to_dict
 
 
 def write(path: Path, text: str) -> Path:

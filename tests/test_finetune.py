@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import REPO, SAMPLE_DATA, checkpoint_steps, quick_config, read_metrics, run_train, subprocess_env
 from mpp import finetune
 from mpp.analyze import main as analyze_main
-from mpp.config import ConfigError, FinetuneRunConfig, load_config
+from mpp.config import FinetuneRunConfig
+from mpp.recipe import ConfigError, load_config
 
 RECIPE = REPO / "recipes" / "finetune_quickstart.yaml"
 
@@ -178,8 +179,8 @@ def test_layer_decay_scales_each_blocks_lr():
     assert decay["head.weight"] == decay["blocks.3.mlp.fc1.weight"] == cfg.optim.weight_decay
     assert decay["pos_embed"] == decay["cls_token"] == decay["blocks.3.norm1.bias"] == 0.0
     # The schedule sets each group's lr to the scheduled lr times its scale.
-    from mpp.engine import Schedule, cosine_schedule
-    scheduler = cosine_schedule(optimizer, Schedule(1, 10, 10, 2, 1e-3), min_lr=0.0)
+    from mpp.lr_schedule import cosine_schedule
+    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_steps=2, min_lr=0.0)
     scheduler.step_update(2)  # end of warm-up: the peak lr
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])

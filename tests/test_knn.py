@@ -14,8 +14,9 @@ import yaml
 
 from conftest import REPO, subprocess_env
 from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
-from mpp.config import ConfigError, EvalConfig, KnnConfig, OnlineKnnConfig, from_dict
+from mpp.config import EvalConfig, KnnConfig, OnlineKnnConfig
 from mpp.knn import OnlineKnn, knn_predict, main, run_knn, topk_accuracy
+from mpp.recipe import ConfigError, from_dict
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -85,7 +86,7 @@ def test_pooled_features_are_the_final_norm_tokens_of_the_last_blocks():
 def test_fingerprint_follows_what_the_features_depend_on(shards, tmp_path):
     from mpp.config import FeatureConfig, ModelConfig
     from mpp.data import ShardLoader
-    from mpp.features import feature_fingerprint
+    from mpp.feature_cache import feature_fingerprint
 
     model = from_dict(ModelConfig, MODEL)
     loader = ShardLoader(str(shards), mode="eval", split="val", batch_size=8, img_size=32, num_workers=0,

@@ -14,8 +14,9 @@ import yaml
 
 from conftest import REPO, launch_two_nodes, quick_config, run_train, subprocess_env
 from eval_subset import MODEL, fresh_accelerate_state, write_subset  # noqa: F401 (an autouse fixture)
-from mpp.config import EvalConfig, ProbeConfig, from_dict
+from mpp.config import EvalConfig, ProbeConfig
 from mpp.linprobe import build_head, build_optimizer, main, run_probe
+from mpp.recipe import from_dict
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -37,6 +38,7 @@ class Extractions:
     """Records every extract_features call of mpp.linprobe (the live path and the augmented one)."""
 
     def __init__(self, monkeypatch):
+        import mpp.feature_cache
         import mpp.features
         import mpp.linprobe
         self.calls = []
@@ -48,7 +50,7 @@ class Extractions:
             self.calls.append((loader.mode, epoch, out[0].clone()))
             return out
         monkeypatch.setattr(mpp.linprobe, "extract_features", recording)
-        monkeypatch.setattr(mpp.features, "extract_features", recording)
+        monkeypatch.setattr(mpp.feature_cache, "extract_features", recording)
 
 
 # ---- exactness ----

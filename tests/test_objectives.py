@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import QUICKSTART, model_config, small_model
-from mpp.config import ConfigError, PretrainConfig, load_config
+from mpp.config import PretrainConfig
 from mpp.data import normalizer, preview_images
 from mpp.models import OBJECTIVES, TARGETS, TOKENIZERS, VIT_SIZES, build_model, set_fused_attn
 from mpp.models.batch_losses import contrastive_loss, uniformity_loss
@@ -21,6 +21,7 @@ from mpp.models.masking import make_mask
 from mpp.models.patches import gather_tokens
 from mpp.models.views import random_view
 from mpp.models.vit_mpp import corruption_plan
+from mpp.recipe import ConfigError, load_config
 from mpp.weights import vit_state
 
 REFERENCE = Path(__file__).parent / "data" / "mae_reference_losses.json"

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import (QUICKSTART, REPO, checkpoint_steps, launch_two_nodes, pretrain_command, quick_config,
                       read_metrics, run_train, small_overrides, start_pretrain, subprocess_env, wait_for)
-from mpp.config import ConfigError, PretrainConfig, load_config, to_dict
+from mpp.config import PretrainConfig
+from mpp.recipe import ConfigError, load_config, to_dict
 
 E2E_STEPS = 60
 
@@ -228,8 +229,8 @@ def good_then_nan(tmp_path, monkeypatch):
     Returns (run the NaN part with extra overrides -> the NonFiniteLoss, the models the loss saw,
     the step-2 checkpoint folder, sha256 of its files).
     """
+    from mpp.engine import NonFiniteLoss
     from mpp.models import MaskedImageModel
-    from mpp.pretrain import NonFiniteLoss
 
     run_train(quick_config(tmp_path, "train.steps=2", "checkpoint.every=2", "log.every=1"))
     assert checkpoint_steps(tmp_path) == [2]

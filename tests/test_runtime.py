@@ -12,8 +12,9 @@ import yaml
 from conftest import QUICKSTART, quick_config, read_metrics, run_train
 from eval_subset import fresh_accelerate_state  # noqa: F401 (autouse: each run makes its own Accelerator)
 from mpp import runtime
-from mpp.config import ConfigError, PretrainConfig, load_config
+from mpp.config import PretrainConfig
 from mpp.flops import Utilisation
+from mpp.recipe import ConfigError, load_config
 from mpp.runtime import CompileTrial, choose_compile, choose_precision
 
 # Matmul rates (FLOP/s) of the CPUs measured for README: AMX (bf16 units), and AVX2 only (bf16 emulated).

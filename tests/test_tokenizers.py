@@ -19,8 +19,8 @@ from safetensors import safe_open
 from conftest import SAMPLE_DATA, quick_config, read_metrics, run_train, small_model
 from test_objectives import TOKENIZER_SETTINGS, sample_images
 from mpp.export import main as export_main
-from mpp.features import build_encoder as probe_encoder, pooled_features
-from mpp.models import build_encoder, load_encoder, t2t_encoder
+from mpp.features import pooled_features
+from mpp.models import build_encoder, frozen_encoder, load_encoder, t2t_encoder
 from mpp.models.hybrid import hybrid_encoder, timm_hybrid
 from mpp.models.sparse import SparseBatchNorm2d, SparseGroupNormAct, Visibility, mask_aware
 from mpp.models.t2t import T2TLayer, T2TTokens
@@ -225,7 +225,7 @@ def test_probe_knn_and_export_take_its_checkpoint(pretrained, tmp_path):
     pool, blocks = "mean", 2
     with torch.no_grad():
         reference = pooled_features(encoder, x, pool, blocks)
-        probed, notes = probe_encoder(cfg.model, str(pretrained["run"]))  # what linprobe.py and knn.py load
+        probed, notes = frozen_encoder(cfg.model, str(pretrained["run"]))  # what linprobe.py and knn.py load
         torch.testing.assert_close(pooled_features(probed, x, pool, blocks), reference)
     out = tmp_path / "encoder.safetensors"
     stdout = io.StringIO()
@@ -263,7 +263,8 @@ def test_fine_tuning_loads_its_checkpoint_and_trains_a_step(pretrained, tmp_path
 
 def test_exported_timm_stem_hybrid_loads_into_timm(tmp_path, caplog):
     """A hybrid on timm's stem and R50 s16 layers exports to timm's vit_*_r50_s16_224, loaded strictly."""
-    from mpp.config import PretrainConfig, load_config, save_config
+    from mpp.config import PretrainConfig
+    from mpp.recipe import load_config, save_config
     from conftest import QUICKSTART
     from safetensors.torch import save_file
     cfg = load_config(PretrainConfig, QUICKSTART, ["model.tokenizer=hybrid", "model.patch_size=16"])

@@ -79,7 +79,7 @@ def test_contrastive_pretraining_run_hands_its_encoder_on(tmp_path):
     loss, and its checkpoint, projection head and fusion layers and all, loads into the probe's encoder with
     nothing left over, equal to the trained encoder."""
     from conftest import quick_config, read_metrics, run_train
-    from mpp.features import build_encoder
+    from mpp.models import frozen_encoder
 
     cfg = quick_config(tmp_path / "run", "train.steps=4", "log.every=2", "model.contrastive=0.5",
                        "model.fuse_blocks=[1,5]", "checkpoint.every=4")
@@ -92,7 +92,7 @@ def test_contrastive_pretraining_run_hands_its_encoder_on(tmp_path):
         assert r["loss"] == pytest.approx(r["loss_reconstruction"] + 0.5 * r["loss_contrastive"], rel=1e-5)
         # NT-Xent over 64 views starts near log(63) = 4.1; the norm-pix reconstruction starts at 1-3.
         assert 2.5 < r["loss_contrastive"] < 4.5 and 0.3 < r["loss_reconstruction"] < 5.0
-    vit, notes = build_encoder(cfg.model, str(tmp_path / "run"))
+    vit, notes = frozen_encoder(cfg.model, str(tmp_path / "run"))
     trained = model.encoder.state_dict()
     assert set(vit.state_dict()) == set(trained)
     for key, value in vit.state_dict().items():

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from data_tools.jpeg import jpeg_size
+from mpp.jpeg import jpeg_size
 
 try:  # libjpeg-turbo straight into a tensor; deprecated in torchvision 0.29 (for TorchCodec), PIL stands in without it
     from torchvision.io import ImageReadMode

@@ -11,7 +11,8 @@ tokenizer is one entry here.
 """
 from __future__ import annotations
 
-from mpp.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
+from mpp.config import IMAGENET_MEAN, IMAGENET_STD
+from mpp.recipe import ConfigError
 
 from .mae import MAE
 from .masking import MASK_KINDS, Mask, make_mask, num_masked, ratio_at
@@ -79,7 +80,8 @@ def load_encoder(path, **timm_kwargs) -> ViTEncoder | VTEncoder:
 def rebuild_encoder(state: dict, config: dict | None, source: str, **timm_kwargs):
     """(the encoder, its ModelConfig) that the run config `config` describes, holding `state` (any stage's keys);
     its classifier head, if `state` has one, too. ValueError if there is no model config or the weights do not fit."""
-    from mpp.config import ModelConfig, from_dict
+    from mpp.config import ModelConfig
+    from mpp.recipe import from_dict
     from mpp.weights import load_weights, vit_state
     model = (config or {}).get("model")
     if not isinstance(model, dict):
@@ -94,6 +96,23 @@ def rebuild_encoder(state: dict, config: dict | None, source: str, **timm_kwargs
     encoder = build_encoder(cfg, **timm_kwargs)
     load_weights(encoder, state, head=True)
     return encoder, cfg
+
+
+def frozen_encoder(model_cfg, ckpt) -> tuple[ViTEncoder | VTEncoder, list[str]]:
+    """(the encoder of `model_cfg` holding `ckpt`'s weights, frozen and in eval mode, what loading them noted), for
+    evaluation. ckpt None or "none": randomly initialised (seed it first) as pretraining initialises it
+    (model.objective's init, e.g. MAE's xavier), the baseline: pretraining's starting point in distribution, not
+    the same draw (pretraining builds its decoder before it initialises, which moves the generator)."""
+    from mpp.weights import is_random_init, load_weights
+    if ckpt is None or is_random_init(ckpt):
+        encoder = build_model(model_cfg).encoder
+        notes = [f"randomly initialised {model_cfg.encoder} encoder (ckpt=none, {model_cfg.objective}'s "
+                 f"initialisation): the baseline"]
+    else:
+        encoder = build_encoder(model_cfg)
+        notes = load_weights(encoder, str(ckpt))
+    encoder.requires_grad_(False)
+    return encoder.eval(), notes
 
 
 def build_model(model_cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> MaskedImageModel:
@@ -174,7 +193,7 @@ def check_model_config(m, prefix: str = "model.") -> None:
         fail(f"{{p}}fuse_blocks={list(m.fuse_blocks)}: give blocks 0 to {depth - 2} of the {depth}-block "
              f"{{p}}encoder={m.encoder} (the last one is always fused)")
     if m.uniformity < 0 or m.contrastive < 0 or m.contrastive_temperature <= 0:
-        fail(f"{{p}}uniformity and {{p}}contrastive must be >= 0 and {{p}}contrastive_temperature > 0")
+        fail("{p}uniformity and {p}contrastive must be >= 0 and {p}contrastive_temperature > 0")
 
 
 def check_tokenizer_section(m, fail) -> None:
@@ -201,6 +220,6 @@ def check_tokenizer_section(m, fail) -> None:
 
 __all__ = ["MAE", "MASK_KINDS", "Mask", "MaskedImageModel", "ModelOutput", "OBJECTIVES", "SimMIM",
            "T2T_SIZES", "TARGETS", "TOKENIZERS", "VIT_SIZES", "VT_SIZES", "VTEncoder", "ViTEncoder", "ViTMPP",
-           "build_encoder", "build_model", "check_model_config", "hybrid_encoder", "load_encoder", "make_mask",
-           "rebuild_encoder",
+           "build_encoder", "build_model", "check_model_config", "frozen_encoder", "hybrid_encoder", "load_encoder",
+           "make_mask", "rebuild_encoder",
            "ratio_at", "set_fused_attn", "t2t_encoder", "vit_encoder"]

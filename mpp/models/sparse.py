@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from timm.layers import GroupNormAct
 from torch import nn
 

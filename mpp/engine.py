@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 
 from mpp.checkpoint import (MODEL_FILE, CheckpointError, SavedCheckpoint, apply_rng_states, check_safetensors,
@@ -40,7 +40,7 @@ from mpp.lr_schedule import scaled_lr
 from mpp.recipe import ConfigError, load_config, save_config, to_dict
 from mpp.runlog import METRICS_FILE, RunLog, check_trackers_installed, drop_records_after
 from mpp.runtime import (CompileTrial, check_no_fsdp_on_cpu, cpu_ddp, dynamo_backend, effective_precision,
-                         precision_note, resolve_settings, set_cpu_threads)
+                         fsdp_requested, precision_note, resolve_settings, set_cpu_threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -275,8 +275,9 @@ class Trainer:
 
     @property
     def _model_file(self) -> bool:
-        """Whether checkpoints hold the weights as model.safetensors (FSDP saves a layout of its own)."""
-        return self.state.distributed_type != DistributedType.FSDP
+        """Whether checkpoints hold the weights as model.safetensors (FSDP saves a layout of its own; asked for on
+        a CPU, the run is refused)."""
+        return not fsdp_requested()
 
     def open(self, plan: Schedule) -> Accelerator:
         """The accelerator (DDP, the resolved precision and compile, accumulation, trackers), seeded RNGs and CPU

@@ -41,10 +41,16 @@ def cpu_ddp() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def fsdp_requested() -> bool:
+    """Whether the launch asked for FSDP (accelerate launch --use_fsdp, or an `accelerate config` with FSDP): known
+    from the environment before any Accelerator exists (accelerate's PartialState does not record it)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
 def check_no_fsdp_on_cpu(device: torch.device) -> None:
-    """Refuse an FSDP launch (accelerate launch --use_fsdp, or an `accelerate config` with FSDP) on CPUs: accelerate
-    turns FSDP on only for accelerator devices, so the run would silently be plain DDP."""
-    if device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+    """Refuse an FSDP launch on CPUs: accelerate turns FSDP on only for accelerator devices, so the run would
+    silently be plain DDP."""
+    if device.type == "cpu" and fsdp_requested():
         from mpp.config import ConfigError
         raise ConfigError("FSDP was asked for (accelerate launch --use_fsdp or an FSDP `accelerate config`), but "
                           "accelerate runs FSDP on GPUs only and would train this CPU run with plain DDP: launch "

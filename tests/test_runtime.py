@@ -257,3 +257,16 @@ def test_an_fsdp_launch_on_cpus_is_refused_before_the_run(tmp_path, monkeypatch)
     message = str(err.value)
     assert "\n" not in message and "FSDP" in message and "plain DDP" in message
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value, fsdp", [("true", True), ("1", True), ("false", False), (None, False)])
+def test_an_fsdp_launch_is_known_before_the_accelerator_and_its_checkpoints_hold_no_model_file(value, fsdp,
+                                                                                               monkeypatch):
+    from mpp.engine import Trainer
+    if value is None:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+    assert runtime.fsdp_requested() is fsdp
+    trainer = Trainer.__new__(Trainer)  # the property reads the launch, not the trainer's state
+    assert Trainer._model_file.fget(trainer) is (not fsdp)

@@ -7,8 +7,6 @@ The readings are checked against the papers' equations computed here from the mo
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 
@@ -19,11 +17,11 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import QUICKSTART, quick_config, run_train, small_model
+from test_analyze import analyze, read
 from test_objectives import TOKENIZER_SETTINGS, sample_images
 from test_tokenizers import PRETRAIN_SETTINGS
 from mpp.analysis.embeddings import first_filters, standardized
 from mpp.analysis.visual_tokens import spatial_softmaxes, token_maps
-from mpp.analyze import main as analyze_main
 
 KINDS = ("patch", "hybrid", "t2t", "vt")
 ATTENTION = ("attention_distance", "cls_attention")
@@ -120,17 +118,6 @@ def runs(tmp_path_factory):
                                "checkpoint.every=2"))
         made[kind] = out
     return made
-
-
-def analyze(*argv) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = analyze_main([str(a) for a in argv])
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-def read(out, name) -> dict:
-    return json.loads((out / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize("kind", KINDS)
